@@ -1,0 +1,174 @@
+"""The public entry point: ``Aligner.from_pretrained(model).generate(prompt, reward=..., search=...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .backends.hf import HFBackend
+from .models.loading import load
+from .rewards.base import as_reward
+from .search import SearchConfig, SearchResult, run_search
+
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass
+class GenerationResult:
+    """What the search produced and how: the answer, its reward breakdown, the final beam, the cost."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    reward: float
+    rewards: dict[str, float]
+    logprob: float
+    score: float
+    strategy: str
+    stats: dict[str, Any]
+    beam: list[dict[str, Any]] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Aligner:
+    """A causal LM ready for decoding-time alignment.
+
+    ``draft`` is an optional cheaper model sharing the tokenizer that runs the lookahead rollouts
+    (the paper's LLM2); the policy still proposes the actions and scores the committed tokens.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, draft: tuple[Any, Any] | None = None, name: str = "model"):
+        self.tokenizer = tokenizer
+        self.backend = HFBackend(model, tokenizer, name=name)
+        self.draft = None
+        if draft is not None:
+            d_model, d_tok = draft
+            probe = "Decoding-time alignment checks the tokenizers agree."
+            if d_tok.encode(probe) != tokenizer.encode(probe) or len(d_tok) != len(tokenizer):
+                raise ValueError(
+                    "the lookahead (draft) model must share the policy's tokenizer; they encode text differently. "
+                    "Pick a draft model from the same family."
+                )
+            self.draft = HFBackend(d_model, d_tok, name="draft")
+        self.name = name
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        draft_model: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> "Aligner":
+        """Load ``model`` (default: packaged SmolLM2-135M-Instruct; or a folder, GGUF file, cached hub id)."""
+        loaded = load(model, dtype=dtype, device=device)
+        draft = None
+        if draft_model is not None:
+            d = load(draft_model, dtype=dtype, device=device)
+            draft = (d.model, d.tokenizer)
+        return cls(loaded.model, loaded.tokenizer, draft=draft, name=str(model or "smollm2"))
+
+    # prompts -------------------------------------------------------------------------------------
+    def encode_prompt(
+        self,
+        prompt: str | Messages,
+        *,
+        instruction: str | None = None,
+        response_prefix: str = "",
+    ) -> tuple[list[int], str]:
+        """Token ids of the start state and the user's text the rewards see.
+
+        The chat template is applied when the tokenizer has one.  ``instruction`` is the paper's
+        start-state adaptation: an alignment instruction given as the system message (or prepended
+        to the prompt for a model without a chat template).  ``response_prefix`` pre-fills the start of
+        the answer (e.g. a continuation attack); it counts as part of the prompt.
+        """
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = [dict(m) for m in prompt]
+            bad = [m for m in messages if "role" not in m or "content" not in m]
+            if not messages or bad:
+                raise ValueError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        if not str(user_text).strip() and not response_prefix:
+            raise ValueError("the prompt is empty; give some text to respond to")
+        if instruction:
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = f"{instruction}\n{messages[0]['content']}"
+            else:
+                messages.insert(0, {"role": "system", "content": instruction})
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text + response_prefix, add_special_tokens=False)
+        else:
+            text = "\n\n".join(m["content"] for m in messages)
+            ids = self.tokenizer.encode(text + ("\n" if response_prefix else "") + response_prefix)
+        return ids, str(user_text)
+
+    # generation ----------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Messages,
+        *,
+        reward: Any = None,
+        search: SearchConfig | Mapping[str, Any] | None = None,
+        instruction: str | None = None,
+        response_prefix: str = "",
+        **overrides: Any,
+    ) -> GenerationResult:
+        """Decode ``prompt`` with ``search`` (a ``SearchConfig``, a dict of its fields, or keyword
+        overrides such as ``strategy="greedy"``), maximising ``reward`` (a ``Reward``, a weighted sum
+        of them, or any callable ``f(prompts, completions) -> list[float]``)."""
+        cfg = _config(search, overrides)
+        rsum = as_reward(reward)
+        ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
+        result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft)
+        return _to_result(result, cfg, len(ids))
+
+
+def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> SearchConfig:
+    if search is None:
+        search = SearchConfig()
+    elif isinstance(search, Mapping):
+        search = _from_mapping(search)
+    elif not isinstance(search, SearchConfig):
+        raise TypeError(f"search must be a SearchConfig or a dict of its fields, got {type(search).__name__}")
+    return search.replace(**overrides) if overrides else search
+
+
+def _from_mapping(values: Mapping[str, Any]) -> SearchConfig:
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"unknown search settings {unknown}; known: {sorted(known)}")
+    return SearchConfig(**values)
+
+
+def _to_result(result: SearchResult, cfg: SearchConfig, prompt_tokens: int) -> GenerationResult:
+    best = result.best
+    return GenerationResult(
+        text=best.text,
+        token_ids=list(best.token_ids),
+        finished=best.finished,
+        reward=best.reward,
+        rewards=dict(best.rewards),
+        logprob=best.logprob,
+        score=best.score,
+        strategy=cfg.strategy,
+        stats=dataclasses.asdict(result.stats),
+        beam=[
+            {"text": h.text, "score": h.score, "logprob": h.logprob, "reward": h.reward, "finished": h.finished}
+            for h in result.beam
+        ],
+        prompt_tokens=prompt_tokens,
+    )

@@ -1,0 +1,135 @@
+"""The small interface between the search and a model.
+
+The search never touches tensors of a model or a KV cache: it asks a backend for
+
+* ``prefill(ids)``: encode the prompt once and return a one-row ``Beam`` whose next-token
+  distribution is known;
+* ``rollout(beam, parents, forced, steps)``: fork the parent rows (a row may be used several times),
+  feed the ``forced`` tokens of every row in one forward pass, then extend all rows together by
+  ``steps`` tokens (greedy or sampled), one batched forward per token;
+* ``commit(rollout, rows, keep)``: keep some rows of a rollout, each having consumed its first
+  ``keep`` tokens, as the next beam, reusing what the rollout already computed.
+
+A local transformers model implements this with a forked ``DynamicCache``; a remote serving engine
+can implement the same three calls with token-id prompts and top-k log-probabilities.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class Beam:
+    """Rows that share a prompt and have consumed the same number of tokens.
+
+    ``next_logprobs[i]`` is the log-distribution of row i's next token (``[rows, vocab]``), so the
+    search can pick actions without another forward pass.  ``state`` is backend-private.
+    """
+
+    ids: list[list[int]]
+    next_logprobs: torch.Tensor
+    state: Any = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Rollout:
+    """The outcome of extending rows: ``tokens[i]`` (forced then generated), their log-probs under
+    the model that ran the rollout, and ``length[i]``: how many of them count (up to and including
+    the first end-of-sequence token)."""
+
+    parents: list[int]
+    tokens: torch.Tensor  # [rows, n_forced + steps], long
+    logprobs: torch.Tensor  # [rows, n_forced + steps], float
+    length: list[int]
+    finished: list[bool]
+    n_fed: int  # how many tokens of each row went through the model (their KV entries exist)
+    state: Any = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sampler:
+    """How rollouts choose tokens: greedy (temperature 0) or sampling with temperature / top-p."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def pick(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """One token per row from ``[rows, vocab]`` log-probs."""
+        if self.temperature <= 0:
+            return logprobs.argmax(dim=-1)
+        scaled = logprobs / self.temperature
+        if self.top_p < 1.0:
+            scaled = top_p_mask(scaled, self.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every token outside the smallest set whose probability reaches ``top_p`` (the top
+    token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class Counters:
+    """What the model was asked to do: sequential forward passes and tokens it processed."""
+
+    forward_passes: int = 0
+    tokens_processed: int = 0
+    rows_max: int = 0
+
+    def add(self, rows: int, width: int) -> None:
+        self.forward_passes += 1
+        self.tokens_processed += rows * width
+        self.rows_max = max(self.rows_max, rows)
+
+    def snapshot(self) -> dict:
+        return {"forward_passes": self.forward_passes, "tokens_processed": self.tokens_processed}
+
+
+class Backend(ABC):
+    """A model the search can drive.  See the module docstring for the contract."""
+
+    eos_ids: frozenset[int]
+    vocab_size: int
+    counters: Counters
+
+    @abstractmethod
+    def prefill(self, ids: Sequence[int]) -> Beam: ...
+
+    @abstractmethod
+    def rollout(
+        self,
+        beam: Beam,
+        parents: Sequence[int],
+        forced: torch.Tensor,
+        steps: int,
+        *,
+        sampler: Sampler | None = None,
+        feed_last: bool = False,
+    ) -> Rollout:
+        """Fork ``beam`` rows ``parents``, force ``forced`` (``[rows, t]``, t >= 1), then generate
+        ``steps`` tokens per row.  ``feed_last`` also runs the last generated token through the model
+        so that a commit of the whole rollout knows the next distribution."""
+
+    @abstractmethod
+    def commit(self, rollout: Rollout, rows: Sequence[int], keep: int) -> Beam:
+        """The beam made of ``rows`` of ``rollout`` (repeats allowed), each having consumed its first
+        ``keep`` tokens (1 <= keep <= rollout.n_fed), so all rows of a beam have the same length."""
+
+    def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""The ``dealign`` command line: ``generate`` (one prompt or a JSONL batch) and ``demo``."""

@@ -1,0 +1,160 @@
+"""Batch mode: one JSONL line in, one JSONL line out, resumable.
+
+Every input line is parsed and checked (JSON, prompt, settings, reward) before the model is loaded,
+so a typo on line 900 fails in a second instead of after an hour.  Each answer is written and
+flushed as soon as it is ready, which is what makes ``--resume`` (skip as many rows as the output
+already holds) safe after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..rewards.base import WeightedSum
+from ..search import SearchConfig
+from .options import Settings, UsageError, unknown_field_hints
+
+
+@dataclass
+class Job:
+    """One input row, checked and ready to run."""
+
+    lineno: int
+    row: dict[str, Any]
+    prompt: Any
+    settings: Settings
+    config: SearchConfig
+    reward: WeightedSum
+
+
+def _prompt_of(row: dict[str, Any]) -> Any:
+    if "prompt" in row and "messages" in row:
+        raise UsageError('give either "prompt" or "messages", not both')
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise UsageError(f'"prompt" must be a string, got {row["prompt"]!r:.60}')
+        return row["prompt"]
+    if "messages" in row:
+        msgs = row["messages"]
+        ok = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        )
+        if not ok:
+            raise UsageError('"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
+        return msgs
+    raise UsageError('needs a "prompt" (text) or "messages" (chat list) field')
+
+
+def read_jobs(path: Path, base: Settings) -> list[Job]:
+    """Parse and check every row of ``path``; errors name the file and line number."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read the input file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the input file {path} is not UTF-8 text") from None
+    jobs = []
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path.name} line {lineno}"
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        try:
+            prompt = _prompt_of(row)
+            settings = base.merged(row)
+            job = Job(lineno, row, prompt, settings, settings.config(), settings.build_reward())
+        except ValueError as exc:  # UsageError, ConfigError, RewardError, bad reward options
+            raise UsageError(f"{where}: {exc}") from None
+        for hint in unknown_field_hints(row):
+            print(f"warning: {where}: {hint}", file=sys.stderr)
+        jobs.append(job)
+    if not jobs:
+        raise UsageError(f"the input file {path} has no rows")
+    return jobs
+
+
+def rows_done(output: Path, jobs: list[Job]) -> int:
+    """How many rows an existing output already holds (for --resume).  A last line cut off
+    mid-write is dropped; an output that does not match the input is refused rather than mixed."""
+    if not output.exists():
+        return 0
+    text = output.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    records = []
+    for i, raw in enumerate(lines, 1):
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError:
+            if i == len(lines) and not raw.endswith("\n"):  # interrupted while writing: redo that row
+                output.write_text("".join(lines[:-1]), encoding="utf-8")
+                break
+            raise UsageError(f"cannot resume: {output} line {i} is not valid JSON") from None
+    if len(records) > len(jobs):
+        raise UsageError(f"cannot resume: {output} has {len(records)} rows but the input only {len(jobs)}")
+    for i, (rec, job) in enumerate(zip(records, jobs), 1):
+        if not isinstance(rec, dict) or any(rec.get(k) != job.row.get(k) for k in ("prompt", "messages")):
+            raise UsageError(
+                f"cannot resume: {output} line {i} is not the answer to input line {job.lineno} "
+                "(different prompt); use another --output or drop --resume to start over"
+            )
+    return len(records)
+
+
+def record(job: Job, result: Any, seconds: float) -> dict[str, Any]:
+    """The output row: the input row plus the answer, its reward and its cost."""
+    out = dict(job.row)
+    out.update(
+        text=result.text,
+        reward=result.reward,
+        rewards=result.rewards,
+        tokens=result.num_tokens,
+        seconds=round(seconds, 4),
+        finished=result.finished,
+        strategy=result.strategy,
+    )
+    coverage = job.settings.coverage(result.text)
+    if coverage is not None:
+        out["coverage"] = coverage
+    out["stats"] = result.stats
+    return out
+
+
+def run_batch(input: Path, output: Path, base: Settings, load: Callable[[], Any], resume: bool = False) -> int:
+    """Answer every row of ``input`` into ``output``; returns the number of rows generated now."""
+    from tqdm import tqdm
+
+    if input.resolve() == output.resolve():
+        raise UsageError("--output must be a different file from --input")
+    jobs = read_jobs(input, base)
+    done = rows_done(output, jobs) if resume else 0
+    if done == len(jobs):
+        print(f"all {done} rows of {input} are already in {output}; nothing to do", file=sys.stderr)
+        return 0
+    if done:
+        print(f"resuming: {done} of {len(jobs)} rows already in {output}", file=sys.stderr)
+    with open(output, "a" if done else "w", encoding="utf-8") as out:  # opened first: fail before the load
+        aligner = load()
+        with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+            for job in jobs[done:]:
+                start = time.perf_counter()
+                try:
+                    result = aligner.generate(job.prompt, reward=job.reward, search=job.config, **job.settings.prompt)
+                except ValueError as exc:
+                    raise UsageError(
+                        f"{input.name} line {job.lineno}: {exc} (rows before it are saved; fix it and rerun with --resume)"
+                    ) from None
+                seconds = time.perf_counter() - start
+                out.write(json.dumps(record(job, result, seconds), ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update()
+    return len(jobs) - done

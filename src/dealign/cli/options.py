@@ -1,0 +1,157 @@
+"""CLI flags and batch-JSONL fields -> search config, reward and prompt options.
+
+Flags and per-line fields go through the same ``Settings`` so a batch line behaves exactly like the
+equivalent command line.  Search defaults are never restated here: unset values are simply not
+passed, so ``SearchConfig``'s own defaults (and any tuning of them) apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..rewards import from_options, keyword_coverage, keywords_found, normalize_keywords
+from ..rewards.base import WeightedSum
+from ..search import SearchConfig
+
+SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
+REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
+PROMPT_FIELDS = ("instruction", "response_prefix")
+INPUT_FIELDS = ("prompt", "messages")
+KNOWN_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + PROMPT_FIELDS + INPUT_FIELDS
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class UsageError(ValueError):
+    """Bad command line or input file: reported as ``error: ...`` with exit code 2."""
+
+
+def _check_search_value(name: str, value: Any) -> Any:
+    """Type-check one search setting against the type of its SearchConfig default (JSON lines can
+    carry anything; SearchConfig checks ranges but would crash on e.g. ``"lam": "high"``)."""
+    kind = type(getattr(SearchConfig(), name))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind in (int, float):
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        value = float(value) if ok and kind is float else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise UsageError(f"{name} must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    return value
+
+
+def _check_strings(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{name} must be a string or a list of strings, got {value!r}")
+
+
+def _check_weights(value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in value.values()
+    ):
+        raise UsageError(f'weights must be an object of reward name -> number, e.g. {{"keywords": 0.7}}; got {value!r}')
+    return {str(k): float(w) for k, w in value.items()}
+
+
+def parse_weights(items: list[str] | None) -> dict[str, float] | None:
+    """``["keywords=0.7", "max_words=0.3"]`` -> ``{"keywords": 0.7, "max_words": 0.3}``."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value) if sep and name else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise UsageError(f"--weight takes NAME=NUMBER (e.g. keywords=0.7), got {item!r}")
+        out[name] = weight
+    return out
+
+
+@dataclass
+class Settings:
+    """Everything but the prompt: search overrides, reward options and prompt options, each holding
+    only the values that were given (``None`` means "use the default")."""
+
+    search: dict[str, Any] = field(default_factory=dict)
+    reward: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "Settings":
+        """Sort known fields into their groups, type-checking them; unknown keys are ignored here."""
+        s = cls()
+        for name, value in values.items():
+            if value is None:
+                continue
+            if name in SEARCH_FIELDS:
+                s.search[name] = _check_search_value(name, value)
+            elif name in REWARD_FIELDS:
+                if name in ("keywords", "banned", "must_match", "must_not_match"):
+                    _check_strings(name, value)
+                elif name == "weights":
+                    value = _check_weights(value)
+                s.reward[name] = value
+            elif name in PROMPT_FIELDS:
+                if not isinstance(value, str):
+                    raise UsageError(f"{name} must be a string, got {value!r}")
+                s.prompt[name] = value
+        return s
+
+    def merged(self, values: Mapping[str, Any]) -> "Settings":
+        """These settings overridden by ``values`` (a batch line); a JSON ``null`` resets a field to
+        its default, and ``weights`` are merged name by name."""
+        over = Settings.from_values(values)
+        out = Settings({**self.search, **over.search}, {**self.reward, **over.reward}, {**self.prompt, **over.prompt})
+        if "weights" in self.reward and "weights" in over.reward:
+            out.reward["weights"] = {**self.reward["weights"], **over.reward["weights"]}
+        for name, value in values.items():
+            if value is None:
+                for group in (out.search, out.reward, out.prompt):
+                    group.pop(name, None)
+        return out
+
+    def config(self) -> SearchConfig:
+        return SearchConfig(**self.search)
+
+    def build_reward(self) -> WeightedSum:
+        try:
+            return from_options(**self.reward)
+        except TypeError as exc:  # e.g. a non-string keyword: still the user's input
+            raise UsageError(str(exc)) from None
+
+    @property
+    def keywords(self) -> list[str] | None:
+        kw = self.reward.get("keywords")
+        return normalize_keywords(kw) if kw is not None else None
+
+    def coverage(self, text: str) -> float | None:
+        kw = self.keywords
+        return keyword_coverage(text, kw) if kw else None
+
+    def missing(self, text: str) -> list[str]:
+        kw = self.keywords or []
+        return [w for w, ok in zip(kw, keywords_found(text, kw)) if not ok]
+
+
+def unknown_field_hints(values: Mapping[str, Any]) -> list[str]:
+    """Hints for keys that look like misspelt settings (``"beams"``); other unknown keys (ids,
+    references) are legitimate pass-through data and get no hint."""
+    hints = []
+    for name in values:
+        if name not in KNOWN_FIELDS:
+            close = difflib.get_close_matches(name, KNOWN_FIELDS, n=1, cutoff=0.8)
+            if close:
+                hints.append(f"unknown field {name!r} is copied to the output but not used (did you mean {close[0]!r}?)")
+    return hints

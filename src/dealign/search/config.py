@@ -1,0 +1,99 @@
+"""Search settings and results, shared by DeAL and the baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+STRATEGIES = ("deal", "greedy", "sample", "beam", "best-of-n")
+Strategy = Literal["deal", "greedy", "sample", "beam", "best-of-n"]
+
+
+class ConfigError(ValueError):
+    """A search setting is out of range; the message names it and the allowed values."""
+
+
+@dataclass
+class SearchConfig:
+    """How to decode.  Fields that a strategy does not use are ignored by it.
+
+    DeAL: at each step every beam state proposes its ``topk`` next tokens (optionally cut to
+    ``top_p``); each candidate is extended by ``lookahead`` tokens (greedy, or sampled at
+    ``rollout_temperature``); candidates are ranked by ``logP / len**length_penalty + lam * R`` and the
+    best ``beam`` survive.  ``mode="token"`` commits one token per step (the paper); ``"segment"``
+    commits the candidate together with its lookahead, trading alignment for speed.
+    """
+
+    strategy: Strategy = "deal"
+    max_new_tokens: int = 64
+    beam: int = 4
+    topk: int = 8
+    top_p: float = 1.0
+    lookahead: int = 8
+    lam: float = 5.0
+    mode: Literal["token", "segment"] = "token"
+    length_penalty: float = 0.0
+    rollout_temperature: float = 0.0
+    temperature: float = 1.0
+    n: int = 8
+    seed: int = 0
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        need(self.mode in ("token", "segment"), f"mode must be 'token' or 'segment'; got {self.mode!r}")
+        for name in ("max_new_tokens", "beam", "topk", "n"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
+        need(isinstance(self.lookahead, int) and self.lookahead >= 0, f"lookahead must be an integer >= 0; got {self.lookahead!r}")
+        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1]; got {self.top_p}")
+        need(self.temperature > 0, f"temperature must be > 0 (use strategy 'greedy' for temperature 0); got {self.temperature}")
+        need(self.rollout_temperature >= 0, f"rollout_temperature must be >= 0; got {self.rollout_temperature}")
+        need(self.lam >= 0, f"lam (the reward weight) must be >= 0; got {self.lam}")
+        need(self.length_penalty >= 0, f"length_penalty must be >= 0; got {self.length_penalty}")
+
+    def replace(self, **changes) -> "SearchConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SearchStats:
+    """What a search cost: sequential forward passes are what its wall time is made of."""
+
+    steps: int = 0
+    forward_passes: int = 0
+    tokens_processed: int = 0
+    candidates_scored: int = 0
+    reward_calls: int = 0
+    seconds: float = 0.0
+    draft_forward_passes: int = 0
+
+
+@dataclass
+class Hypothesis:
+    """One state of the search: generated tokens, their log-probability, reward and score."""
+
+    token_ids: list[int]
+    logprob: float
+    reward: float
+    rewards: dict[str, float]
+    score: float
+    finished: bool
+    text: str = ""
+
+
+@dataclass
+class SearchResult:
+    """The chosen answer plus what the search saw: the final beam and the cost."""
+
+    best: Hypothesis
+    beam: list[Hypothesis] = field(default_factory=list)
+    stats: SearchStats = field(default_factory=SearchStats)

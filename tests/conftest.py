@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random-weight causal LMs built from a config, with a tokenizer trained on
+the spot, saved to a folder so every entry point (API, CLI) loads them like a user's model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "the dog catches a red frisbee in the park",
+    "a man throws the ball to his dog on the beach",
+    "children sit on a bench and eat ice cream",
+    "the cat sleeps on a warm mat near the window",
+    "a woman rides a bike along the river at sunset",
+    "players skate on the rink and the team scores a goal",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 48):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper distributions than the default init, so greedy is not a coin toss
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return build_model(tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny_tokenizer):
+    return build_model(tiny_tokenizer, seed=1, layers=1, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
+    """The tiny model saved as a Hugging Face folder, as a user would pass with --model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_aligner(tiny_model, tiny_tokenizer):
+    from dealign import Aligner
+
+    return Aligner(tiny_model, tiny_tokenizer, name="tiny")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep test conversions out of the user's cache unless DEALIGN_CACHE is set by the caller."""
+    if "DEALIGN_CACHE" not in os.environ:
+        os.environ["DEALIGN_CACHE"] = str(Path.home() / ".cache" / "dealign")
+    torch.set_num_threads(1)  # tiny models: threads only add overhead (integration tests set their own)
+    yield
