@@ -58,6 +58,30 @@ def build_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 48):
     return model
 
 
+class EosBoost(torch.nn.Module):
+    """Wraps a causal LM and adds ``boost`` to the end-of-sequence logit at chosen positions: those
+    predicting absolute position >= ``from_pos`` and/or those right after ``after_token``."""
+
+    def __init__(self, inner, eos: int, boost: float, *, from_pos: int | None = None, after_token: int | None = None):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.generation_config = inner.generation_config
+        self.eos, self.boost, self.from_pos, self.after_token = eos, boost, from_pos, after_token
+
+    def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+        past = cache.get_seq_length() if cache is not None else 0
+        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache, **kwargs)
+        mask = torch.ones(input_ids.shape, dtype=torch.bool)
+        if self.from_pos is not None:
+            pos = past + torch.arange(input_ids.shape[1])
+            mask &= (pos + 1 >= self.from_pos)[None, :]
+        if self.after_token is not None:
+            mask &= input_ids.cpu() == self.after_token
+        out.logits[..., self.eos] += self.boost * mask.to(out.logits.dtype)
+        return out
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()

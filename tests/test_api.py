@@ -14,15 +14,6 @@ from dealign.search import STRATEGIES, ConfigError
 FAST = {"max_new_tokens": 6, "beam": 2, "topk": 3, "lookahead": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are fastest (and immune to a busy neighbour's spinning threads) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def letters(prompts, completions):
     return [sum(c.isalpha() for c in t) / len(t) if t else 0.0 for t in completions]
 

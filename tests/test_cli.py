@@ -28,16 +28,6 @@ SMALL = ["--max-new-tokens", "6", "--beam", "2", "--topk", "2", "--lookahead", "
 ANSWER_FIELDS = {"text", "reward", "rewards", "tokens", "seconds", "finished", "strategy", "stats"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two spinning threads made this
-    file 4x slower; restore the setting for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def cli(tiny_model_dir):
     """Run ``dealign ARGS --model <tiny>`` in-process; stdout and stderr stay separate."""

@@ -15,15 +15,6 @@ from dealign.models import loading
 from dealign.models.loading import ModelLoadError, cache_dir, load, resolve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are fastest (and immune to a busy neighbour's spinning threads) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -14,40 +14,9 @@ from dealign.rewards import Reward, WeightedSum, as_reward
 from dealign.search import SearchConfig, run_search
 from dealign.search.deal import normalised, propose
 
+from conftest import EosBoost  # noqa: E402
+
 PROMPT = "the dog catches a"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are fastest (and immune to a busy neighbour's spinning threads) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-class EosBoost(torch.nn.Module):
-    """Wraps a causal LM and adds ``boost`` to the end-of-sequence logit at chosen positions: those
-    predicting absolute position >= ``from_pos`` and/or those right after ``after_token``."""
-
-    def __init__(self, inner, eos: int, boost: float, *, from_pos: int | None = None, after_token: int | None = None):
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-        self.generation_config = inner.generation_config
-        self.eos, self.boost, self.from_pos, self.after_token = eos, boost, from_pos, after_token
-
-    def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
-        past = cache.get_seq_length() if cache is not None else 0
-        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache, **kwargs)
-        mask = torch.ones(input_ids.shape, dtype=torch.bool)
-        if self.from_pos is not None:
-            pos = past + torch.arange(input_ids.shape[1])
-            mask &= (pos + 1 >= self.from_pos)[None, :]
-        if self.after_token is not None:
-            mask &= input_ids.cpu() == self.after_token
-        out.logits[..., self.eos] += self.boost * mask.to(out.logits.dtype)
-        return out
 
 
 def letters(prompts, completions):
@@ -299,6 +268,35 @@ def test_finished_state_stays_in_the_beam(tiny_model, tiny_tokenizer, prompt_ids
     res2 = search(HFBackend(model, tiny_tokenizer), prompt_ids, cfg.replace(early_stop=True))
     assert res2.best.token_ids == [x, eos]
     assert res2.stats.steps == 2
+
+
+@pytest.mark.parametrize("mode", ["token", "segment"])
+@pytest.mark.parametrize("eos_from", [3, 5])
+def test_early_stop_with_a_bounded_reward_is_exact(tiny_model, tiny_tokenizer, prompt_ids, mode, eos_from):
+    """With rewards that declare their maximum and no length normalisation, stopping early never
+    changes the answer: no live state could still beat the best finished one."""
+    model = EosBoost(tiny_model, tiny_tokenizer.eos_token_id, 4.0, from_pos=len(prompt_ids) + eos_from)
+    bounded = Reward(letters, "letters", upper_bound=1.0)
+    cfg = SearchConfig(mode=mode, beam=3, topk=3, lookahead=1, lam=2.0, max_new_tokens=10)
+    stop = search(HFBackend(model, tiny_tokenizer), prompt_ids, cfg, bounded)
+    full = search(HFBackend(model, tiny_tokenizer), prompt_ids, cfg.replace(early_stop=False), bounded)
+    assert stop.best.finished and full.best.finished
+    assert stop.best.token_ids == full.best.token_ids
+    assert stop.best.score == pytest.approx(full.best.score)
+    assert stop.stats.steps <= full.stats.steps
+
+
+def test_early_stop_waits_while_a_live_state_can_still_win(tiny_model, tiny_tokenizer, prompt_ids):
+    """A finished state leads, but a live one is within lam * (max reward) of it: the search goes on."""
+    eos = tiny_tokenizer.eos_token_id
+    first = HFBackend(tiny_model, tiny_tokenizer).prefill(prompt_ids).next_logprobs[0]
+    x = int(first.argmax())
+    model = EosBoost(tiny_model, eos, 30.0, after_token=x)
+    zero = Reward(lambda p, c: [0.0] * len(c), "zero", upper_bound=1.0)  # could reach 1, never does
+    cfg = SearchConfig(beam=2, topk=2, lookahead=0, lam=50.0, max_new_tokens=6)
+    res = search(HFBackend(model, tiny_tokenizer), prompt_ids, cfg, zero)
+    assert res.best.token_ids == [x, eos]
+    assert res.stats.steps > 2  # the heuristic rule would have stopped at step 2
 
 
 def test_best_finished_is_chosen_over_better_unfinished(tiny_model, tiny_tokenizer, prompt_ids):

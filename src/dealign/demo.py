@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .evaluation.data import KEYWORD_PROMPT
 from .rewards import keywords, keywords_found
 
 CONCEPT_SETS = [
@@ -25,7 +26,7 @@ MAX_NEW_TOKENS = 32
 
 
 def _prompt(words: list[str]) -> str:
-    return f"Write one short sentence that uses all of these words: {', '.join(words)}."
+    return KEYWORD_PROMPT.format(words=", ".join(words))
 
 
 def _run(aligner: Any, words: list[str], **search: Any) -> dict[str, Any]:

@@ -170,5 +170,44 @@ def demo(
         run_demo(model=model, n=n)
 
 
+@app.command("eval")
+def eval_(
+    task: Annotated[str, typer.Argument(help="Task to run: keywords (CommonGen).")],
+    n: Annotated[int, typer.Option("--n", help="Number of items (first N of the split, after --offset).")] = 50,
+    strategies: Annotated[str, typer.Option(help="Comma-separated: greedy, beam, best-of-n, sample, deal, deal-segment.")] = "greedy,beam,best-of-n,deal",
+    out: Annotated[Path, typer.Option(help="Folder for input.jsonl, output.jsonl, summary.md, summary.json.")] = Path("runs/keywords"),
+    model: Annotated[Optional[str], typer.Option(help="Model [default: packaged SmolLM2-135M-Instruct].")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 32,
+    offset: Annotated[int, typer.Option(help="Skip this many items first.")] = 0,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming an interrupted run.")] = False,
+) -> None:
+    """Run a task end to end through the batch path and print the summary table."""
+    with reported_errors():
+        from .evaluate import run_eval
+
+        run_eval(task, n=n, strategies=[s.strip() for s in strategies.split(",") if s.strip()], out=out,
+                 model=model, max_new_tokens=max_new_tokens, offset=offset, resume=not fresh)
+
+
+@app.command()
+def bench(
+    model: Annotated[Optional[str], typer.Option(help="Model [default: packaged SmolLM2-135M-Instruct].")] = None,
+    prompts: Annotated[int, typer.Option(help="CommonGen dev concept sets to run (the first N).")] = 10,
+    naive_prompts: Annotated[int, typer.Option(help="Prompts for the slow naive reference (the first N).")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 32,
+    json_out: Annotated[Path, typer.Option(help="Where to write the report as JSON.")] = Path("runs/bench.json"),
+) -> None:
+    """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
+    with reported_errors():
+        from ..bench import markdown, run_bench
+
+        report = run_bench(model, prompts=prompts, naive_prompts=naive_prompts, max_new_tokens=max_new_tokens,
+                           progress=lambda m: typer.echo(m, err=True))
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        typer.echo(markdown(report))
+        typer.echo(f"\nwritten to {json_out}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app(prog_name="dealign")

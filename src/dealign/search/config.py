@@ -28,17 +28,17 @@ class SearchConfig:
     strategy: Strategy = "deal"
     max_new_tokens: int = 64
     beam: int = 4
-    topk: int = 8
+    topk: int = 4
     top_p: float = 1.0
-    lookahead: int = 8
-    lam: float = 5.0
+    lookahead: int = 1
+    lam: float = 20.0
     mode: Literal["token", "segment"] = "token"
     length_penalty: float = 0.0
     rollout_temperature: float = 0.0
     temperature: float = 1.0
     n: int = 8
     seed: int = 0
-    early_stop: bool = True
+    early_stop: bool = True  # stop once no live state can beat the best finished answer (see deal._settled)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:

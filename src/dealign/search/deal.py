@@ -171,7 +171,7 @@ def deal_search(
 
         kept = [st for _, st, _ in top if st.hyp is not None]
         winners = [(st, j) for _, st, j in top if st.hyp is None]
-        if not winners or (cfg.early_stop and top[0][1].hyp is not None):
+        if not winners or (cfg.early_stop and _settled(finished_all, winners, reward, lam, cfg, top[0][1])):
             live = []
             break
         rows = [j for _, j in winners]
@@ -195,6 +195,20 @@ def deal_search(
     stats.draft_forward_passes = (draft.counters.forward_passes - d_before) if draft else 0
     stats.seconds = time.perf_counter() - start
     return SearchResult(best=best, beam=beam_out, stats=stats)
+
+
+def _settled(finished: list[Hypothesis], winners, reward: WeightedSum, lam: float, cfg: SearchConfig, top: _State) -> bool:
+    """Can the search stop?  When every reward declares its maximum and log-probabilities are not
+    length-normalised, a live state can at best keep its log-probability and reach the maximum
+    reward, so the search stops once the best finished answer beats that bound for every live state
+    (exact: no later answer could win).  Otherwise it stops as soon as a finished state ranks first."""
+    bound = reward.upper_bound if reward else 0.0
+    if bound is None or cfg.length_penalty:
+        return top.hyp is not None
+    if not finished:
+        return False
+    best = max(h.score for h in finished)
+    return all(best >= st.logprob + lam * bound for st, _ in winners)
 
 
 def _as_hyp(policy: Backend, st: _State, score: float) -> Hypothesis:

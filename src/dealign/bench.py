@@ -1,0 +1,226 @@
+"""``dealign bench``: what DeAL costs, measured in one process and one run.
+
+On the default model and a fixed set of CommonGen prompts it times greedy decoding (our backend and
+plain ``transformers`` ``generate()``), the naive DeAL reference (no KV cache, every candidate's
+lookahead re-encoded one row at a time: the correctness oracle, not a user option), and our DeAL at a
+few settings.  Per configuration it reports seconds per prompt, generated tokens, sequential forward
+passes, tokens processed by the model, peak memory, the ratio to greedy and keyword coverage, so a
+speed-up is never bought with a silent loss of quality; optimised and naive DeAL must return the same
+tokens.  ``python -m dealign.bench`` runs the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .backends.hf import HFBackend, NaiveHFBackend
+from .evaluation.data import commongen
+from .rewards import keyword_coverage, keywords
+from .search import SearchConfig, run_search
+
+PAPERLIKE = dict(beam=4, topk=8, lookahead=8)  # the issue's reference setting: beam 4, top-k 8, lookahead 8
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    search: SearchConfig | None  # None: transformers generate()
+    naive: bool = False
+    note: str = ""
+
+
+def default_configs(max_new_tokens: int) -> list[BenchConfig]:
+    base = SearchConfig(max_new_tokens=max_new_tokens)
+    return [
+        BenchConfig("greedy", base.replace(strategy="greedy"), note="our backend"),
+        BenchConfig("greedy (transformers)", None, note="model.generate(do_sample=False)"),
+        BenchConfig("deal naive b4 k8 l8", base.replace(**PAPERLIKE), naive=True, note="reference, no cache"),
+        BenchConfig("deal token b4 k8 l8", base.replace(**PAPERLIKE)),
+        BenchConfig("deal token b4 k4 l2", base.replace(lookahead=2)),
+        BenchConfig("deal token default", base, note="b4 k4 l1 lam20"),
+        BenchConfig("deal segment b4 k4 l4", base.replace(mode="segment", lookahead=4)),
+        BenchConfig("best-of-8", base.replace(strategy="best-of-n", n=8)),
+    ]
+
+
+class PeakRSS:
+    """Peak resident memory while a block runs, above what the process held when it started
+    (sampled from /proc every few ms; 0 where /proc is missing)."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.every)
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+@dataclass
+class Row:
+    name: str
+    note: str
+    prompts: int
+    seconds_per_prompt: float
+    tokens: float
+    forward_passes: float
+    tokens_processed: float
+    peak_mib: float
+    soft: float
+    hard_finished: float
+    finished: float
+    x_greedy: float = float("nan")
+    outputs: list[list[int]] = field(default_factory=list)
+
+
+def _hf_generate(aligner, ids: list[int], max_new_tokens: int) -> tuple[list[int], dict]:
+    model, tok = aligner.backend.model, aligner.tokenizer
+    x = torch.tensor([ids], device=aligner.backend.device)
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    gen = out[0, len(ids):].tolist()
+    eos = aligner.backend.eos_ids
+    cut = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
+    return gen[:cut], {"forward_passes": cut, "tokens_processed": len(ids) + cut - 1}
+
+
+def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int) -> Row:
+    backend = NaiveHFBackend(aligner.backend.model, aligner.tokenizer) if bc.naive else aligner.backend
+    secs, toks, fps, tps, soft, hard, fin, outs = [], [], [], [], [], [], [], []
+    with PeakRSS() as mem:
+        for cs in items:
+            ids, user = aligner.encode_prompt(cs.prompt)
+            start = time.perf_counter()
+            if bc.search is None:
+                out, st = _hf_generate(aligner, ids, max_new_tokens)
+            else:
+                res = run_search(backend, ids, keywords(cs.keywords), bc.search, prompt_text=user)
+                out = res.best.token_ids
+                st = {"forward_passes": res.stats.forward_passes, "tokens_processed": res.stats.tokens_processed}
+            secs.append(time.perf_counter() - start)
+            done = bool(out) and out[-1] in aligner.backend.eos_ids
+            cov = keyword_coverage(aligner.backend.decode(out), cs.keywords)
+            toks.append(len(out)); fps.append(st["forward_passes"]); tps.append(st["tokens_processed"])
+            soft.append(cov); hard.append(float(cov == 1.0 and done)); fin.append(float(done)); outs.append(out)
+    n = len(items)
+    return Row(bc.name, bc.note, n, sum(secs) / n, sum(toks) / n, sum(fps) / n, sum(tps) / n, mem.mib,
+               sum(soft) / n, sum(hard) / n, sum(fin) / n, outputs=outs)
+
+
+def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int = 2, max_new_tokens: int = 32,
+              configs: list[BenchConfig] | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Run every configuration; naive ones on the first ``naive_prompts`` prompts only (they are slow),
+    and their optimised twins are checked token for token on those prompts."""
+    from .api import Aligner
+
+    aligner = Aligner.from_pretrained(model)
+    items = commongen(prompts)
+    configs = configs or default_configs(max_new_tokens)
+    run_config(aligner, BenchConfig("warm-up", SearchConfig(strategy="greedy", max_new_tokens=4)), items[:1], 4)
+    rows: list[Row] = []
+    for bc in configs:
+        subset = items[:naive_prompts] if bc.naive else items
+        progress(f"running {bc.name} on {len(subset)} prompts ...")
+        rows.append(run_config(aligner, bc, subset, max_new_tokens))
+    greedy = next(r for r in rows if r.name == "greedy")
+    for r in rows:
+        r.x_greedy = r.seconds_per_prompt / greedy.seconds_per_prompt
+    checks = []
+    for bc, r in zip(configs, rows):
+        if not bc.naive:
+            continue
+        twin = next((o for c, o in zip(configs, rows) if not c.naive and c.search == bc.search), None)
+        if twin is not None:
+            n = len(r.outputs)
+            same = twin.outputs[:n] == r.outputs
+            # the twin's time on the same prompts, for the speed-up at identical outputs
+            twin_cfg = BenchConfig(twin.name, bc.search)
+            again = run_config(aligner, twin_cfg, items[:n], max_new_tokens)
+            checks.append({"naive": r.name, "optimised": twin.name, "prompts": n, "identical_tokens": same,
+                           "speedup": r.seconds_per_prompt / again.seconds_per_prompt,
+                           "naive_forward_passes": r.forward_passes, "optimised_forward_passes": again.forward_passes})
+    import transformers
+
+    from . import __version__
+
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "versions": {"dealign": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "model": model or "smollm2 (default)",
+        "data": f"CommonGen dev, first {prompts} concept sets (naive reference: first {naive_prompts})",
+        "max_new_tokens": max_new_tokens,
+        "rows": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows],
+        "equivalence": checks,
+    }
+
+
+COLUMNS = [("name", "configuration", "{}"), ("prompts", "prompts", "{}"), ("seconds_per_prompt", "s/prompt", "{:.2f}"),
+           ("x_greedy", "× greedy", "{:.2f}"), ("tokens", "tokens", "{:.1f}"), ("forward_passes", "forward passes", "{:.1f}"),
+           ("tokens_processed", "tokens processed", "{:.0f}"), ("peak_mib", "peak MiB", "{:.0f}"),
+           ("soft", "soft cov.", "{:.2f}"), ("hard_finished", "hard cov. (finished)", "{:.2f}")]
+
+
+def markdown(report: dict) -> str:
+    lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in report["rows"]:
+        lines.append("| " + " | ".join(f.format(r[k]) for k, _, f in COLUMNS) + " |")
+    for c in report["equivalence"]:
+        lines.append(
+            f"\n{c['optimised']} vs {c['naive']} on {c['prompts']} prompts: identical tokens: "
+            f"{'yes' if c['identical_tokens'] else 'NO'}; {c['speedup']:.1f}× faster "
+            f"({c['optimised_forward_passes']:.0f} vs {c['naive_forward_passes']:.0f} forward passes per prompt)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dealign.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--naive-prompts", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json-out", type=Path, default=Path("runs/bench.json"))
+    a = p.parse_args(argv)
+    report = run_bench(a.model, prompts=a.prompts, naive_prompts=a.naive_prompts, max_new_tokens=a.max_new_tokens)
+    a.json_out.parent.mkdir(parents=True, exist_ok=True)
+    a.json_out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    print(f"\nwritten to {a.json_out}")
+
+
+if __name__ == "__main__":
+    main()

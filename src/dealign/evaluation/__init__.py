@@ -1,0 +1,1 @@
+"""Evaluation: task data, metrics and summaries of batch-generation outputs."""

@@ -1,0 +1,27 @@
+"""Metrics over generated answers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+
+@torch.inference_mode()
+def mean_token_nll(aligner: Any, prompt: str, text: str) -> float:
+    """Mean negative log-likelihood per token of ``text`` as the answer to ``prompt`` under
+    ``aligner``'s model (chat template applied): low for fluent text, high for keyword stuffing."""
+    prompt_ids, _ = aligner.encode_prompt(prompt)
+    answer_ids = aligner.tokenizer.encode(text, add_special_tokens=False)
+    if not answer_ids:
+        return math.nan
+    ids = torch.tensor([prompt_ids + answer_ids], device=aligner.backend.device)
+    logits = aligner.backend.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt_ids) :, None])
+    return float(-lp.mean())
+
+
+def mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
