@@ -36,6 +36,7 @@ class BenchConfig:
     search: SearchConfig | None  # None: transformers generate()
     naive: bool = False
     note: str = ""
+    dtype: str = "float32"
 
 
 def default_configs(max_new_tokens: int) -> list[BenchConfig]:
@@ -49,6 +50,8 @@ def default_configs(max_new_tokens: int) -> list[BenchConfig]:
         BenchConfig("deal token default", base, note="b4 k4 l1 lam20"),
         BenchConfig("deal segment b4 k4 l4", base.replace(mode="segment", lookahead=4)),
         BenchConfig("best-of-8", base.replace(strategy="best-of-n", n=8)),
+        BenchConfig("greedy bf16", base.replace(strategy="greedy"), dtype="bfloat16", note="bfloat16 weights"),
+        BenchConfig("deal token default bf16", base, dtype="bfloat16", note="bfloat16 weights"),
     ]
 
 
@@ -73,6 +76,7 @@ class PeakRSS:
             time.sleep(self.every)
 
     def __enter__(self) -> "PeakRSS":
+        _release_freed_memory()
         self.base = self.peak = self.rss()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -85,6 +89,18 @@ class PeakRSS:
     @property
     def mib(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the next block's peak starts from a true base."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -145,23 +161,34 @@ def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int
     and their optimised twins are checked token for token on those prompts."""
     from .api import Aligner
 
-    aligner = Aligner.from_pretrained(model)
+    aligners: dict[str, Aligner] = {}
+
+    def aligner_for(dtype: str) -> Aligner:
+        if dtype not in aligners:
+            aligners[dtype] = Aligner.from_pretrained(model, dtype=dtype)
+            warm = BenchConfig("warm-up", SearchConfig(strategy="greedy", max_new_tokens=4))
+            run_config(aligners[dtype], warm, items[:1], 4)
+        return aligners[dtype]
+
     items = commongen(prompts)
     configs = configs or default_configs(max_new_tokens)
-    run_config(aligner, BenchConfig("warm-up", SearchConfig(strategy="greedy", max_new_tokens=4)), items[:1], 4)
+    aligner = aligner_for("float32")
     rows: list[Row] = []
     for bc in configs:
         subset = items[:naive_prompts] if bc.naive else items
         progress(f"running {bc.name} on {len(subset)} prompts ...")
-        rows.append(run_config(aligner, bc, subset, max_new_tokens))
-    greedy = next(r for r in rows if r.name == "greedy")
-    for r in rows:
-        r.x_greedy = r.seconds_per_prompt / greedy.seconds_per_prompt
+        rows.append(run_config(aligner_for(bc.dtype), bc, subset, max_new_tokens))
+    # each row against our greedy decoding at the same precision (the fair baseline for that row)
+    greedy = {c.dtype: r for c, r in zip(configs, rows) if c.search is not None and c.search.strategy == "greedy"}
+    for c, r in zip(configs, rows):
+        base = greedy.get(c.dtype) or greedy.get("float32")
+        r.x_greedy = r.seconds_per_prompt / base.seconds_per_prompt if base else float("nan")
     checks = []
     for bc, r in zip(configs, rows):
         if not bc.naive:
             continue
-        twin = next((o for c, o in zip(configs, rows) if not c.naive and c.search == bc.search), None)
+        twin = next((o for c, o in zip(configs, rows) if not c.naive and c.search == bc.search and c.dtype == bc.dtype),
+                    None)
         if twin is not None:
             n = len(r.outputs)
             same = twin.outputs[:n] == r.outputs

@@ -160,7 +160,7 @@ class NaiveHFBackend(HFBackend):
 
     def _next(self, ids: list[int]) -> torch.Tensor:
         logprobs, _ = self._forward(torch.tensor([ids], dtype=torch.long), None)
-        return logprobs[0, -1]
+        return logprobs[0, -1].clone()  # not a view: it would keep the whole [len, vocab] tensor alive
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> Beam:
