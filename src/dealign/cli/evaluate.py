@@ -1,8 +1,11 @@
-"""``dealign eval TASK``: build the task's batch input, answer it with the batch CLI path in one run
-(resumable), then write and print the summary table."""
+"""``dealign eval TASK``: build the task's batch input, answer it through the batch path in one run
+(resumable: an interrupted run continues where it stopped), then write the summary table, the plots
+and ``report.md``, with the configuration and versions beside them."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import platform
 import sys
@@ -10,19 +13,36 @@ from pathlib import Path
 
 from .options import Settings, UsageError
 
-TASKS = ("keywords",)
+
+def _judge(spec: str | None, policy_loader):
+    """The fluency judge: a model other than the policy (Gemma 3 270M when installed)."""
+    from ..evaluation.metrics import mean_token_nll
+    from ..models.loading import ModelLoadError
+    from .loading import load_aligner
+
+    for name in ([spec] if spec else ["gemma3-270m"]):
+        try:
+            judge = load_aligner(name)
+            return name, lambda p, t: mean_token_nll(judge, p, t, chat=False)
+        except ModelLoadError as exc:
+            print(f"fluency judge {name!r} unavailable ({exc}); using the policy model", file=sys.stderr)
+    policy = policy_loader()
+    return "policy model", lambda p, t: mean_token_nll(policy, p, t)
 
 
 def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str | None, max_new_tokens: int,
-             offset: int = 0, resume: bool = True) -> list[dict]:
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-    from ..evaluation import keywords as kw
+             offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None) -> list[dict]:
+    from ..evaluation.report import markdown, plot_quality_vs_cost, summarize, write_report
+    from ..evaluation.tasks import TASKS
+    from ..search import SearchConfig
     from .batch import run_batch
     from .loading import load_aligner
 
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    t = TASKS[task]
     out.mkdir(parents=True, exist_ok=True)
-    rows = kw.input_rows(n, strategies, max_new_tokens=max_new_tokens, offset=offset)
+    rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed)
     inp, outp = out / "input.jsonl", out / "output.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     aligner = None
@@ -33,24 +53,35 @@ def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str 
         return aligner
 
     run_batch(inp, outp, Settings.from_values({}), load, resume=resume)
-    from ..evaluation.metrics import mean_token_nll
-
     answers = [json.loads(line) for line in outp.read_text(encoding="utf-8").splitlines() if line.strip()]
-    print("scoring fluency (NLL under the model) ...", file=sys.stderr)
-    judge = load()
-    table = kw.summarize(answers, nll=lambda p, t: mean_token_nll(judge, p, t))
-    import torch
+    judge_name, nll = _judge(judge, load)
+    print(f"scoring fluency with {judge_name} ...", file=sys.stderr)
+    table = summarize(t, answers, nll=nll)
+    plot = plot_quality_vs_cost(t, table, out / f"{task}_quality_vs_seconds.png")
 
-    import dealign
+    import torch
     import transformers
 
+    import dealign
+
     header = (
-        f"task: {task} · data: CommonGen dev rows {offset}..{offset + n - 1} · model: {model or 'smollm2 (default)'} · "
-        f"max new tokens: {max_new_tokens} · dealign {dealign.__version__}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {platform.machine()} with {torch.get_num_threads()} threads"
+        f"task **{task}** ({t.describe}); data: {n} items from offset {offset}; model: {model or 'smollm2 (default)'}; "
+        f"fluency judge: {judge_name}; max new tokens {max_new_tokens}; seed {seed}; "
+        f"dealign {dealign.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{platform.machine()}, {torch.get_num_threads()} threads; {datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
-    md = header + "\n\n" + kw.markdown(table) + "\n"
-    (out / "summary.md").write_text(md, encoding="utf-8")
+    config = {"task": task, "n": n, "offset": offset, "seed": seed, "model": model, "judge": judge_name,
+              "max_new_tokens": max_new_tokens, "strategies": {s: rows_for(rows, s) for s in strategies},
+              "search_defaults": dataclasses.asdict(SearchConfig()), "instruction": t.instruction}
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"header": header, "table": table}, indent=2), encoding="utf-8")
-    print(md)
+    (out / "summary.md").write_text(header + "\n\n" + markdown(table) + "\n", encoding="utf-8")
+    write_report(out, header, [(t, table, [plot])])
+    print(header + "\n\n" + markdown(table))
     return table
+
+
+def rows_for(rows: list[dict], label: str) -> dict:
+    """The settings a strategy's rows carried (its first row, without the item's own fields)."""
+    first = next(r for r in rows if r["method"] == label)
+    return {k: v for k, v in first.items() if k not in ("id", "prompt", "meta", "keywords", "max_words", "weights")}

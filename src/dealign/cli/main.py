@@ -16,6 +16,7 @@ import typer
 
 from ..models.loading import ModelLoadError
 from ..search import STRATEGIES, SearchConfig
+from ..server.limits import ServerLimits
 from .options import Settings, UsageError, parse_weights
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 
 _D = SearchConfig()  # only for the defaults shown in --help
+_SL = ServerLimits()  # likewise for `dealign serve`
 _S, _R, _M = "Search (defaults from SearchConfig)", "Rewards", "Model"
 
 
@@ -102,6 +104,8 @@ def generate(
     must_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must contain (repeatable).", rich_help_panel=_R)] = None,
     must_not_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must not contain (repeatable).", rich_help_panel=_R)] = None,
     weight: Annotated[Optional[List[str]], typer.Option(help="Reward weight NAME=W, e.g. keywords=0.7 (repeatable) [default: 1 each].", rich_help_panel=_R)] = None,
+    reward: Annotated[Optional[List[str]], typer.Option("--reward", help="Named or model reward NAME=W, e.g. harmless=0.75 (repeatable; W defaults to 1): harmless, helpful, relevance, non_toxic, sentiment, judge_harmless, judge_helpful, or a reward folder path.", rich_help_panel=_R)] = None,
+    reward_model: Annotated[Optional[List[str]], typer.Option("--reward-model", help="Reward model folder (from train-reward, or a HF sequence classifier as PATH#LABEL), weight 1 (repeatable; weight it with --reward PATH=W).", rich_help_panel=_R)] = None,
 ) -> None:
     """Generate an answer to PROMPT, or to every row of --input (JSONL) into --output."""
     with reported_errors():
@@ -124,6 +128,8 @@ def generate(
                 keywords=keywords, keyword_mode=keyword_mode, max_words=max_words, min_words=min_words,
                 banned=banned, must_match=must_match or None, must_not_match=must_not_match or None,
                 weights=parse_weights(weight),
+                named_rewards=parse_weights(reward, "--reward", "harmless=0.75", default=1.0),
+                reward_model=reward_model or None,
             )
         )
         from .loading import load_aligner
@@ -172,21 +178,52 @@ def demo(
 
 @app.command("eval")
 def eval_(
-    task: Annotated[str, typer.Argument(help="Task to run: keywords (CommonGen).")],
-    n: Annotated[int, typer.Option("--n", help="Number of items (first N of the split, after --offset).")] = 50,
-    strategies: Annotated[str, typer.Option(help="Comma-separated: greedy, beam, best-of-n, sample, deal, deal-segment.")] = "greedy,beam,best-of-n,deal",
-    out: Annotated[Path, typer.Option(help="Folder for input.jsonl, output.jsonl, summary.md, summary.json.")] = Path("runs/keywords"),
+    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen) or length (word limits).")],
+    n: Annotated[int, typer.Option("--n", help="Number of items (the first N, after --offset).")] = 50,
+    strategies: Annotated[str, typer.Option(help="Comma-separated: greedy, sample, beam, best-of-n, prompt (alignment instruction only), deal, deal-segment, prompt+deal.")] = "greedy,sample,beam,best-of-n,prompt,deal,deal-segment,prompt+deal",
+    out: Annotated[Optional[Path], typer.Option(help="Folder for input/output JSONL, summary, plots, report.md [default: runs/TASK].")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model [default: packaged SmolLM2-135M-Instruct].")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Fluency judge model [default: packaged Gemma 3 270M, else the policy].")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 32,
     offset: Annotated[int, typer.Option(help="Skip this many items first.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of every search (sampling strategies).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming an interrupted run.")] = False,
 ) -> None:
-    """Run a task end to end through the batch path and print the summary table."""
+    """Run a task end to end through the batch path; write summary, plots and report.md."""
     with reported_errors():
         from .evaluate import run_eval
 
-        run_eval(task, n=n, strategies=[s.strip() for s in strategies.split(",") if s.strip()], out=out,
-                 model=model, max_new_tokens=max_new_tokens, offset=offset, resume=not fresh)
+        run_eval(task, n=n, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                 out=out or Path("runs") / task, model=model, max_new_tokens=max_new_tokens, offset=offset,
+                 resume=not fresh, seed=seed, judge=judge)
+
+
+@app.command("train-reward")
+def train_reward(
+    data: Annotated[Path, typer.Argument(help="Preference pairs: JSONL (.jsonl or .jsonl.gz) with chosen/rejected (and prompt), or HH-RLHF dialogues.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained reward (load it with --reward-model PATH).")],
+    pairs: Annotated[str, typer.Option(help="preference (the file's pairs) | helpful (synthetic: real answers over refusals and off-topic answers).")] = "preference",
+    holdout: Annotated[float, typer.Option(help="Share of pairs held out for the accuracy figure (fixed-seed split).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the initialisation and the batches.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on a tenth of the training pairs).")] = 60,
+    hidden: Annotated[int, typer.Option(help="Hidden units of the head (0 = linear).")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N pairs of the file.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Reward name shown in breakdowns [default: the folder name].")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="sentence-transformers folder [default: packaged all-MiniLM-L6-v2].")] = None,
+) -> None:
+    """Train a pairwise (Bradley–Terry) reward head on frozen MiniLM embeddings; print held-out accuracy."""
+    with reported_errors():
+        from ..training import train_reward as train
+
+        _, report = train(data, out, pairs=pairs, holdout=holdout, seed=seed, epochs=epochs, hidden=hidden, lr=lr,
+                          limit=limit, name=name, backbone=backbone)
+        typer.echo(
+            f"{report.pairs} pairs: {report.train_pairs} train, {report.heldout_pairs} held out · "
+            f"loss {report.loss_first:.4f} -> {report.loss_last:.4f} · best epoch {report.epochs} · "
+            f"accuracy train {report.train_accuracy:.3f}, held-out {report.heldout_accuracy:.3f} · {report.seconds:.0f} s"
+        )
+        typer.echo(f"saved to {report.out}; use it with --reward-model {report.out}")
 
 
 @app.command()
@@ -207,6 +244,62 @@ def bench(
         json_out.write_text(json.dumps(report, indent=2))
         typer.echo(markdown(report))
         typer.echo(f"\nwritten to {json_out}", err=True)
+
+
+_L, _V = "Limits per request", "Server"
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Packaged model name, HF folder, .gguf file or cached hub id [default: packaged SmolLM2-135M-Instruct].", rich_help_panel=_M)] = None,
+    draft_model: Annotated[Optional[str], typer.Option(help="Smaller model with the same tokenizer for the lookahead rollouts.", rich_help_panel=_M)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 [default: float32].", rich_help_panel=_M)] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch device, e.g. cpu or cuda [default: cpu].", rich_help_panel=_M)] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="The id clients put in \"model\" [default: the --model name, or its folder/file name].", rich_help_panel=_M)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).", rich_help_panel=_V)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", rich_help_panel=_V)] = 8000,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads for the search [default: torch's choice].", rich_help_panel=_V)] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug.", rich_help_panel=_V)] = "info",
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", rich_help_panel=_L)] = _SL.max_tokens,
+    max_candidates: Annotated[int, typer.Option(help="Largest search width: beam x topk x max(1, lookahead) for DeAL, beam x beam, n for best-of-n.", rich_help_panel=_L)] = _SL.max_candidates,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens after the chat template.", rich_help_panel=_L)] = _SL.max_prompt_tokens,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take from arrival, queue included (then 503).", rich_help_panel=_L)] = _SL.timeout,
+    queue_size: Annotated[int, typer.Option(help="Requests that may wait while one runs (then 429).", rich_help_panel=_L)] = _SL.queue_size,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (then 413).", rich_help_panel=_L)] = _SL.max_body_bytes,
+    max_connections: Annotated[int, typer.Option(help="Open connections uvicorn accepts (then 503).", rich_help_panel=_L)] = _SL.max_connections,
+    allow_regex: Annotated[bool, typer.Option("--allow-regex/--no-allow-regex", help="Accept must_match / must_not_match (they run the client's regular expressions).", rich_help_panel=_L)] = _SL.allow_regex,
+    rewards: Annotated[str, typer.Option(help="Named model rewards requests may use: all, none, or NAME,NAME (each loads its model on first use).", rich_help_panel=_L)] = _SL.rewards,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health)."""
+    with reported_errors():
+        try:
+            from ..server.app import check_address, serve as run_server
+        except ImportError as exc:
+            raise ModelLoadError(f"dealign serve needs FastAPI and uvicorn ({exc}); run `pip install 'dealign[server]'`") from None
+        limits = ServerLimits(max_tokens=max_tokens, max_candidates=max_candidates, max_prompt_tokens=max_prompt_tokens,
+                              timeout=timeout, queue_size=queue_size, max_body_bytes=max_body_bytes,
+                              max_connections=max_connections, allow_regex=allow_regex, rewards=rewards)
+        limits.offered_rewards()  # an unknown name fails here, before the model loads
+        check_address(host, port)  # and so does a port in use
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads must be >= 1; got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
+        from .loading import load_aligner
+
+        aligner = load_aligner(model, draft_model=draft_model, dtype=dtype, device=device)
+        run_server(aligner, limits, host=host, port=port, model_name=model_name or _served_name(model), log_level=log_level)
+
+
+def _served_name(model: Optional[str]) -> str:
+    if not model:
+        return "smollm2"
+    path = Path(model)
+    if path.exists():
+        return path.stem if path.is_file() else path.resolve().name
+    return model
 
 
 if __name__ == "__main__":  # pragma: no cover

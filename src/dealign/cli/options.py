@@ -19,9 +19,10 @@ from ..search import SearchConfig
 
 SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
+MODEL_REWARD_FIELDS = ("named_rewards", "reward_model")  # --reward NAME=W, --reward-model PATH
 PROMPT_FIELDS = ("instruction", "response_prefix")
 INPUT_FIELDS = ("prompt", "messages")
-KNOWN_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + PROMPT_FIELDS + INPUT_FIELDS
+KNOWN_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + INPUT_FIELDS
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -61,22 +62,41 @@ def _check_weights(value: Any) -> dict[str, float]:
     return {str(k): float(w) for k, w in value.items()}
 
 
-def parse_weights(items: list[str] | None) -> dict[str, float] | None:
-    """``["keywords=0.7", "max_words=0.3"]`` -> ``{"keywords": 0.7, "max_words": 0.3}``."""
+def parse_weights(items: list[str] | None, flag: str = "--weight", example: str = "keywords=0.7",
+                  default: float | None = None) -> dict[str, float] | None:
+    """``["keywords=0.7", "max_words=0.3"]`` -> ``{"keywords": 0.7, "max_words": 0.3}``.  With a
+    ``default`` weight, a bare ``NAME`` is allowed too.  The weight follows the *last* ``=``, so a
+    path containing ``=`` still works."""
     if not items:
         return None
     out = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, sep, value = item.rpartition("=")
+        if not sep and default is not None:
+            name, value = item, str(default)
         name = name.strip()
         try:
-            weight = float(value) if sep and name else None
+            weight = float(value) if name else None
         except ValueError:
             weight = None
         if weight is None:
-            raise UsageError(f"--weight takes NAME=NUMBER (e.g. keywords=0.7), got {item!r}")
+            hint = " or NAME" if default is not None else ""
+            raise UsageError(f"{flag} takes NAME=NUMBER{hint} (e.g. {example}), got {item!r}")
         out[name] = weight
     return out
+
+
+def _check_named_rewards(value: Any) -> dict[str, float]:
+    """JSONL ``named_rewards``: an object name -> weight, or a list of ``"NAME=W"`` / ``"NAME"`` strings."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return parse_weights(value, "named_rewards", "harmless=0.75", default=1.0) or {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in value.values()
+    ):
+        raise UsageError(
+            f'named_rewards must be an object of reward name -> weight, e.g. {{"harmless": 0.75, "helpful": 0.25}}; got {value!r}'
+        )
+    return {str(k): float(w) for k, w in value.items()}
 
 
 @dataclass
@@ -87,6 +107,7 @@ class Settings:
     search: dict[str, Any] = field(default_factory=dict)
     reward: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)  # named_rewards, reward_model
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "Settings":
@@ -103,6 +124,11 @@ class Settings:
                 elif name == "weights":
                     value = _check_weights(value)
                 s.reward[name] = value
+            elif name == "named_rewards":
+                s.models[name] = _check_named_rewards(value)
+            elif name == "reward_model":
+                _check_strings(name, value)
+                s.models[name] = [value] if isinstance(value, str) else list(value)
             elif name in PROMPT_FIELDS:
                 if not isinstance(value, str):
                     raise UsageError(f"{name} must be a string, got {value!r}")
@@ -111,14 +137,17 @@ class Settings:
 
     def merged(self, values: Mapping[str, Any]) -> "Settings":
         """These settings overridden by ``values`` (a batch line); a JSON ``null`` resets a field to
-        its default, and ``weights`` are merged name by name."""
+        its default, and ``weights`` and ``named_rewards`` are merged name by name."""
         over = Settings.from_values(values)
-        out = Settings({**self.search, **over.search}, {**self.reward, **over.reward}, {**self.prompt, **over.prompt})
-        if "weights" in self.reward and "weights" in over.reward:
-            out.reward["weights"] = {**self.reward["weights"], **over.reward["weights"]}
+        out = Settings({**self.search, **over.search}, {**self.reward, **over.reward}, {**self.prompt, **over.prompt},
+                       {**self.models, **over.models})
+        for group, name in ((self.reward, "weights"), (self.models, "named_rewards")):
+            if name in group and name in values and values[name] is not None:
+                target = out.reward if group is self.reward else out.models
+                target[name] = {**group[name], **target[name]}
         for name, value in values.items():
             if value is None:
-                for group in (out.search, out.reward, out.prompt):
+                for group in (out.search, out.reward, out.prompt, out.models):
                     group.pop(name, None)
         return out
 
@@ -126,10 +155,22 @@ class Settings:
         return SearchConfig(**self.search)
 
     def build_reward(self) -> WeightedSum:
+        """The programmatic rewards plus the named / model rewards (models load on first use)."""
+        from ..rewards.registry import NAMED
+
+        misplaced = sorted(set(self.reward.get("weights") or {}) & set(NAMED))
+        if misplaced:
+            raise UsageError(f"{misplaced[0]!r} is a named reward: give its weight with --reward {misplaced[0]}=W "
+                             '(in JSONL: "named_rewards"), not --weight')
         try:
-            return from_options(**self.reward)
+            total = from_options(**self.reward)
         except TypeError as exc:  # e.g. a non-string keyword: still the user's input
             raise UsageError(str(exc)) from None
+        if self.models:
+            from ..rewards.registry import build
+
+            total = total + build(self.models.get("named_rewards"), self.models.get("reward_model"))
+        return total
 
     @property
     def keywords(self) -> list[str] | None:

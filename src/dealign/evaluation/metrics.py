@@ -9,10 +9,15 @@ import torch
 
 
 @torch.inference_mode()
-def mean_token_nll(aligner: Any, prompt: str, text: str) -> float:
-    """Mean negative log-likelihood per token of ``text`` as the answer to ``prompt`` under
-    ``aligner``'s model (chat template applied): low for fluent text, high for keyword stuffing."""
-    prompt_ids, _ = aligner.encode_prompt(prompt)
+def mean_token_nll(aligner: Any, prompt: str, text: str, *, chat: bool = True) -> float:
+    """Mean negative log-likelihood per token of ``text`` under ``aligner``'s model: low for fluent
+    text, high for keyword stuffing.  ``chat``: as the answer to ``prompt`` (chat template applied);
+    otherwise as plain text after the tokenizer's start token (a base model judging fluency)."""
+    if chat:
+        prompt_ids, _ = aligner.encode_prompt(prompt)
+    else:
+        tok = aligner.tokenizer
+        prompt_ids = [tok.bos_token_id] if tok.bos_token_id is not None else [aligner.backend._pad]
     answer_ids = aligner.tokenizer.encode(text, add_special_tokens=False)
     if not answer_ids:
         return math.nan

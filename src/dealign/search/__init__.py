@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..backends.base import Backend
 from ..rewards.base import WeightedSum, as_reward
@@ -19,14 +19,19 @@ def run_search(
     *,
     prompt_text: str = "",
     draft: Backend | None = None,
+    on_commit: Callable[[list[int]], None] | None = None,
 ) -> SearchResult:
-    """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts."""
+    """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts.
+
+    ``on_commit(ids)``, if given, is called after every step with the tokens the answer is now sure
+    to start with (they only grow; for best-of-n, the samples' common prefix); raising from it aborts
+    the search.  Streaming and time limits are built on it."""
     reward = as_reward(reward)
     if cfg.strategy == "deal":
-        return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft)
+        return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit)
     if cfg.strategy == "beam":
-        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text)
-    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text)
+        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
+    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
 
 
 __all__ = ["STRATEGIES", "ConfigError", "Hypothesis", "SearchConfig", "SearchResult", "SearchStats", "run_search"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -100,8 +100,13 @@ def deal_search(
     prompt_text: str = "",
     draft: Backend | None = None,
     lam: float | None = None,
+    on_commit: Callable[[list[int]], None] | None = None,
 ) -> SearchResult:
-    """Run DeAL for one prompt.  ``lam`` overrides ``cfg.lam`` (beam search is DeAL with lam 0)."""
+    """Run DeAL for one prompt.  ``lam`` overrides ``cfg.lam`` (beam search is DeAL with lam 0).
+
+    ``on_commit(ids)``, if given, is called after every step that the search goes on from with the
+    tokens every possible answer now starts with (see :func:`certain_prefix`; it only grows); it may
+    raise to abort the search (a server's time limit, a client gone)."""
     lam = cfg.lam if lam is None else lam
     start = time.perf_counter()
     before = policy.counters.snapshot()
@@ -174,6 +179,8 @@ def deal_search(
         if not winners or (cfg.early_stop and _settled(finished_all, winners, reward, lam, cfg, top[0][1])):
             live = []
             break
+        if on_commit is not None:
+            on_commit(certain_prefix([st.tokens for st, _ in winners], finished_all))
         rows = [j for _, j in winners]
         keep = len(winners[0][0].tokens) - len(live[0].tokens)
         beams = models.commit(beams, handle, rows, keep, segment, cands, parents)
@@ -195,6 +202,22 @@ def deal_search(
     stats.draft_forward_passes = (draft.counters.forward_passes - d_before) if draft else 0
     stats.seconds = time.perf_counter() - start
     return SearchResult(best=best, beam=beam_out, stats=stats)
+
+
+def certain_prefix(live: list[list[int]], finished: list[Hypothesis]) -> list[int]:
+    """The tokens that the answer will start with, whatever the search does next: the common prefix
+    of the live states and the best finished answer so far.  The answer is the best finished state
+    (a later one must beat this one, and descends from a live state) or, if none finishes, a
+    descendant of a live state; so the prefix never shrinks from one step to the next."""
+    seqs = list(live)
+    if finished:
+        seqs.append(max(finished, key=lambda h: h.score).token_ids)  # max keeps the first of ties, as the answer does
+    first = seqs[0]
+    n = len(first)
+    for seq in seqs[1:]:
+        n = min(n, len(seq))
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return first[:n]
 
 
 def _settled(finished: list[Hypothesis], winners, reward: WeightedSum, lam: float, cfg: SearchConfig, top: _State) -> bool:

@@ -1,0 +1,144 @@
+"""Named rewards, resolvable from the command line (``--reward harmless=0.75``) and batch files.
+
+``named_reward("harmless")`` returns the same ``Reward`` object every time it is asked for it (the
+model behind it loads once, on first use), so a batch file whose rows all name it costs one load.
+A reward can also be given by path: a folder saved by ``dealign train-reward`` or any Hugging Face
+sequence-classification folder (``PATH#LABEL`` names the label of a classifier with several).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .base import Reward, RewardError, WeightedSum
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+JUDGE_HARMLESS = "Is the answer harmless, i.e. does it avoid helping with anything dangerous, illegal or hurtful?"
+JUDGE_HELPFUL = "Does the answer help with what the question asks?"
+
+
+def packaged_reward_model(name: str, **kw: Any) -> Reward:
+    """A reward head shipped in the package (``dealign/rewards/weights/NAME``), quantile-calibrated."""
+    folder = WEIGHTS_DIR / name
+    from ..training.model import EmbeddingRewardModel, is_reward_folder
+
+    if not is_reward_folder(folder):
+        raise RewardError(
+            f"the packaged reward {name!r} is missing from {folder}; reinstall dealign, or train it with "
+            f"`dealign train-reward ../shared/data/hh-rlhf/harmless-base.test.jsonl.gz --out {folder}`"
+            + (" --pairs helpful" if name == "helpful" else "")
+        )
+    return EmbeddingRewardModel.load(folder).reward(name=name, **kw)
+
+
+def _models() -> Any:
+    from . import models
+
+    return models
+
+
+# name -> (description, factory(**kw) -> Reward)
+NAMED: dict[str, tuple[str, Callable[..., Reward]]] = {
+    "harmless": (
+        "R_harmless: MiniLM-embedding reward head trained on HH-RLHF harmless-base pairs; prompt + response; "
+        "percentile in [0, 1] among HH responses",
+        lambda **kw: packaged_reward_model("harmless", **kw),
+    ),
+    "helpful": (
+        "R_helpful (substitute): head trained to prefer real on-topic answers to refusals and off-topic answers; "
+        "prompt + response; percentile in [0, 1] among HH responses",
+        lambda **kw: packaged_reward_model("helpful", **kw),
+    ),
+    "relevance": ("cosine similarity of prompt and response embeddings (MiniLM); [-1, 1]",
+                  lambda **kw: _models().relevance(**kw)),
+    "non_toxic": ("1 - P(offensive) from alt-profanity-check; response; [0, 1]",
+                  lambda **kw: _models().non_toxic(**kw)),
+    "sentiment": ("VADER positive sentiment (1 + compound) / 2; response; [0, 1]",
+                  lambda **kw: _models().sentiment("positive", **kw)),
+    "judge_harmless": ("SmolLM2-135M-Instruct asked whether the answer is harmless: P(Yes); prompt + response; [0, 1]",
+                       lambda **kw: _models().lm_judge(JUDGE_HARMLESS, name="judge_harmless", **kw)),
+    "judge_helpful": ("SmolLM2-135M-Instruct asked whether the answer helps: P(Yes); prompt + response; [0, 1]",
+                      lambda **kw: _models().lm_judge(JUDGE_HELPFUL, name="judge_helpful", **kw)),
+}
+
+
+def available() -> dict[str, str]:
+    """Named rewards and what each scores."""
+    return {name: desc for name, (desc, _) in NAMED.items()}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def named_reward(name: str, **kw: Any) -> Reward:
+    """The reward called ``name`` (see :func:`available`; ``-`` and ``_`` are interchangeable).  Without
+    keyword arguments the same object is returned on every call, so its model loads once."""
+    key = _key(name)
+    if key not in NAMED:
+        close = difflib.get_close_matches(key, list(NAMED), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RewardError(
+            f"unknown reward {name!r}{hint}; named rewards: {', '.join(NAMED)}; or give the path of a reward "
+            "folder (from `dealign train-reward`) or of a Hugging Face sequence-classification model"
+        )
+    return NAMED[key][1](**kw) if kw else _shared(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared(key: str) -> Reward:
+    return NAMED[key][1]()
+
+
+@functools.lru_cache(maxsize=64)
+def reward_from_path(spec: str) -> Reward:
+    """A reward from a folder: one saved by ``dealign train-reward`` (calibrated as saved), or a Hugging
+    Face sequence-classification model (``PATH#LABEL`` for a classifier's label; a one-output reward
+    model gives its raw score).  Cached by path: the same folder loads once per process."""
+    raw, _, label = spec.partition("#") if "#" in spec and not Path(spec).expanduser().exists() else (spec, "", "")
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise RewardError(f"no reward model folder at {path}; give a folder saved by `dealign train-reward` "
+                          "or a Hugging Face sequence-classification model folder")
+    from ..training.model import EmbeddingRewardModel, is_reward_folder
+
+    if is_reward_folder(path):
+        if label:
+            raise RewardError(f"{path} is a dealign reward folder: it has no labels (drop '#{label}')")
+        return EmbeddingRewardModel.load(path).reward()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise RewardError(f"{path} has neither dealign_reward.json nor config.json; it is not a reward model folder")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RewardError(f"cannot read {cfg}: {exc}") from None
+    n_labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+    if n_labels > 1 and not label:
+        names = ", ".join(str(v) for v in (config.get("id2label") or {}).values())
+        raise RewardError(f"{path} is a classifier with {n_labels} labels ({names}); name the one to reward as PATH#LABEL")
+    chosen: str | int | None = (int(label) if label.isdigit() else label) if label else None
+    return _models().sequence_classifier(str(path), label=chosen, name=path.name)
+
+
+def resolve(spec: str) -> Reward:
+    """A named reward, or else a reward folder (see :func:`reward_from_path`)."""
+    if _key(spec) in NAMED:
+        return named_reward(spec)
+    looks_like_path = any(c in spec for c in "/\\.~#") or Path(spec).expanduser().exists()
+    if looks_like_path:
+        return reward_from_path(spec)
+    return named_reward(spec)  # raises with the list of names
+
+
+def build(weights: Mapping[str, float] | None = None, reward_models: list[str] | None = None) -> WeightedSum:
+    """``{"harmless": 0.75, "helpful": 0.25}`` (names or folders -> weights) plus reward-model folders at
+    weight 1, as one weighted sum."""
+    terms = [(resolve(spec), float(w)) for spec, w in (weights or {}).items()]
+    terms += [(reward_from_path(p), 1.0) for p in reward_models or [] if p not in (weights or {})]
+    return WeightedSum(terms)

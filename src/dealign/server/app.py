@@ -1,0 +1,284 @@
+"""The FastAPI application: OpenAI-compatible endpoints over one ``Aligner``.
+
+``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``), ``GET /v1/models``,
+``GET /v1/models/{id}`` and ``GET /health``.  Every error, including a malformed body and an unknown
+route, is answered in OpenAI's error format with a message naming the problem; a 500 only ever means
+a bug (its traceback goes to the server log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .engine import Engine, Job, Outcome
+from .limits import ServerLimits
+from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, describe_validation, plan
+
+log = logging.getLogger("dealign.server")
+GRACE = 1.0  # seconds past a deadline before the handler stops waiting for the worker
+POLL = 0.25  # how often a waiting handler checks the deadline and the connection
+ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while the body is read; FastAPI passes HTTPExceptions through to the handlers."""
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` (413), by Content-Length or while reading."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is larger than this server accepts ({self.max_bytes} bytes, set by --max-body-bytes)"
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = _error(ApiError(413, message, code="body_too_large"))
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge(413, message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: str = "model") -> FastAPI:
+    limits = limits or ServerLimits()
+    engine = Engine(aligner, limits)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="dealign", summary="DeAL decoding-time alignment, OpenAI-compatible", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation(list(exc.errors()))
+        return _error(ApiError(400, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}; this server offers {ROUTES}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; this server offers {ROUTES}"
+        else:
+            message = str(exc.detail)
+        return _error(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(ApiError(500, f"internal server error ({type(exc).__name__}); the server log has the details",
+                               type="server_error"))
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "dealign"}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, **engine.status(), "rewards": limits.offered_rewards()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        _check_model(model_id, model_name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _answer(request, body, chat=False, default_max_tokens=min(16, limits.max_tokens))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _answer(request, body, chat=True, default_max_tokens=limits.max_tokens)
+
+    async def _answer(request: Request, body, *, chat: bool, default_max_tokens: int):
+        _check_model(body.model, model_name)
+        cfg, reward, prompt_options, settings = plan(body, limits, default_max_tokens=default_max_tokens)
+        job = Job(body.job_prompt(), cfg, reward, prompt_options, body.stop or [],
+                  deadline=time.monotonic() + limits.timeout,
+                  coverage=settings.coverage if settings is not None else None)
+        reply = _Reply(chat, model_name)
+        if not body.stream:
+            future = engine.submit(job)
+            return reply.full(await _wait(future, job, request, engine))
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        future = engine.submit(job, emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, text))
+        future.add_done_callback(lambda _: events.put_nowait(None))  # after every delta the worker queued
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(reply, job, future, events, engine, request, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _check_model(name: str, served: str) -> None:
+    if name != served:
+        raise ApiError(404, f"model {name!r} is not served here; this server serves {served!r} (see GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+async def _wait(future: asyncio.Future, job: Job, request: Request, engine: Engine) -> Outcome:
+    """The job's outcome; gives up (and tells the worker) at the deadline or when the client leaves."""
+    while not future.done():
+        await asyncio.wait({future}, timeout=POLL)
+        if not future.done() and await _late_or_gone(job, request, engine):
+            raise ApiError(499, "the client closed the connection")
+    return _outcome(future)
+
+
+def _outcome(future: asyncio.Future) -> Outcome:
+    """The worker's result; a job dropped without one (the server is stopping) is a 503."""
+    outcome = None if future.cancelled() else future.result()
+    if outcome is None:
+        raise ApiError(503, "the server is shutting down; retry on another instance or later", type="unavailable")
+    return outcome
+
+
+async def _late_or_gone(job: Job, request: Request, engine: Engine) -> bool:
+    """Checked while a handler waits for the worker: past the deadline raise the time-limit error; True
+    if the client went away.  Either way the job is cancelled, so its search stops at the next step."""
+    if time.monotonic() > job.deadline + GRACE:
+        job.cancelled.set()
+        raise engine.timeout_error()
+    if await request.is_disconnected():
+        job.cancelled.set()
+        return True
+    return False
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(reply: "_Reply", job: Job, future: asyncio.Future, events: asyncio.Queue, engine: Engine,
+                  request: Request, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per committed delta, a final chunk with the finish reason and the
+    ``alignment`` report, an optional usage chunk, then ``[DONE]``.  An error after the stream has
+    started (time limit, bad prompt) is sent as an ``{"error": ...}`` event before ``[DONE]``."""
+    try:
+        if reply.chat:
+            yield _sse(reply.chunk(role=True, text=""))
+        while True:
+            try:
+                text = await asyncio.wait_for(events.get(), timeout=POLL)
+            except asyncio.TimeoutError:
+                if await _late_or_gone(job, request, engine):
+                    return
+                continue
+            if text is None:
+                break
+            yield _sse(reply.chunk(text=text))
+        outcome = _outcome(future)
+        if outcome.tail:
+            yield _sse(reply.chunk(text=outcome.tail))
+        final = reply.chunk(text="" if not reply.chat else None, finish_reason=outcome.finish_reason)
+        final["alignment"] = outcome.alignment
+        yield _sse(final)
+        if include_usage:
+            yield _sse({**reply.chunk(), "choices": [], "usage": _usage(outcome)})
+    except ApiError as exc:
+        yield _sse(exc.body())
+    except Exception as exc:  # a bug: say so in the stream rather than cutting it
+        log.exception("internal error while streaming")
+        yield _sse({"error": {"message": f"internal server error ({type(exc).__name__})", "type": "server_error",
+                              "param": None, "code": None}})
+    finally:
+        job.cancelled.set()  # a client that went away stops its search at the next step
+    yield "data: [DONE]\n\n"
+
+
+def _usage(outcome: Outcome) -> dict:
+    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+
+
+class _Reply:
+    """OpenAI response bodies for one request (completion or chat, whole or chunked)."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choice: dict) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def full(self, outcome: Outcome) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": None,
+                      "finish_reason": outcome.finish_reason}
+        else:
+            choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choice)
+        return {**body, "usage": _usage(outcome), "alignment": outcome.alignment}
+
+    def chunk(self, *, text: str | None = None, role: bool = False, finish_reason: str | None = None) -> dict:
+        if self.chat:
+            delta: dict = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return self._envelope("chat.completion.chunk", choice)
+        return self._envelope("text_completion", {"index": 0, "text": text or "", "logprobs": None,
+                                                  "finish_reason": finish_reason})
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail early (before a model loads) if ``host:port`` cannot be listened on."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def serve(aligner: Any, limits: ServerLimits, *, host: str, port: int, model_name: str,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn; at most ``limits.max_connections`` connections)."""
+    import uvicorn
+
+    app = create_app(aligner, limits, model_name=model_name)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
+                timeout_keep_alive=5)

@@ -1,0 +1,205 @@
+"""One search at a time, in a worker thread, behind a bounded queue.
+
+The model is used by a single worker thread (a ``ThreadPoolExecutor`` of one), so searches never
+compete for the CPU or for memory; the event loop only parses requests and writes responses.  At
+most ``queue_size`` requests wait behind the running one; the next gets a 429 at once.  A request's
+time limit counts from its arrival: one still queued at its deadline is answered 503 and skipped by
+the worker; one running is stopped at the next search step through the search's ``on_commit`` hook,
+which is also how streamed text and stop sequences are produced (from the tokens the search has
+made certain) and how a client that went away stops its search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..rewards.base import WeightedSum
+from ..search import SearchConfig
+from .limits import ServerLimits
+from .schemas import ApiError
+
+
+@dataclass(eq=False)  # hashed by identity: the engine keeps a set of its jobs
+class Job:
+    """One request's search, as the worker runs it."""
+
+    prompt: str | list[dict[str, str]]
+    search: SearchConfig
+    reward: WeightedSum
+    prompt_options: dict[str, Any]
+    stop: list[str]
+    deadline: float  # time.monotonic()
+    coverage: Callable[[str], float | None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Outcome:
+    """What a finished job answers: the text (cut at a stop sequence), why it ended, the token
+    counts, the reward breakdown and search statistics; ``tail`` is the text not yet streamed."""
+
+    text: str
+    tail: str
+    finish_reason: str  # "stop" (end of sequence or a stop sequence) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    alignment: dict[str, Any]
+
+
+class _Abort(Exception):
+    """Raised from the search hook: the client went away or its time is up."""
+
+
+class _StopSequence(Exception):
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+class CommittedText:
+    """Turns the growing certain prefix of token ids into text deltas that are safe to send: never an
+    incomplete character (a trailing U+FFFD), never trailing whitespace (a tokenizer's clean-up may
+    drop it once the next token is known), never the start of a stop sequence, nothing after one."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]) -> None:
+        self.decode, self.stops = decode, stops
+        self.sent = ""
+        self.stopped = False
+        self._hold = max((len(s) for s in stops), default=1) - 1
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return (text[: min(hits)], True) if hits else (text, False)
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def update(self, ids: list[int]) -> str:
+        text, self.stopped = self._cut(self.decode(ids))
+        if not self.stopped:
+            text = text.rstrip("\ufffd").rstrip()
+            text = text[: max(len(text) - self._hold, 0)]
+        return self._advance(text)
+
+    def finish(self, text: str) -> tuple[str, str, bool]:
+        """The final answer cut at a stop sequence, the part of it not sent yet, whether it was cut."""
+        text, stopped = self._cut(text)
+        return text, self._advance(text), stopped
+
+
+class Engine:
+    def __init__(self, aligner: Any, limits: ServerLimits) -> None:
+        self.aligner, self.limits = aligner, limits
+        import torch
+
+        threads = torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dealign-search",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
+        self.in_flight = 0  # running + waiting; touched only on the event loop
+        self._jobs: set[Job] = set()
+        self.completed = 0
+        self.refused = 0
+
+    def status(self) -> dict[str, int]:
+        return {"running": min(self.in_flight, 1), "waiting": max(self.in_flight - 1, 0),
+                "queue_size": self.limits.queue_size, "completed": self.completed, "refused_busy": self.refused}
+
+    def submit(self, job: Job, emit: Callable[[str], None] | None = None) -> asyncio.Future:
+        """Queue ``job``; ``emit(text)`` is called from the worker with each streamed delta.  Raises a
+        429 ``ApiError`` when the queue is full."""
+        if self.in_flight > self.limits.queue_size:
+            self.refused += 1
+            raise ApiError(429, f"the server is busy: one request is running and {self.in_flight - 1} are waiting "
+                                f"(the most it queues, set by --queue-size); retry shortly",
+                           type="server_busy", code="queue_full", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        self._jobs.add(job)
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._run, job, emit)
+        fut.add_done_callback(lambda _: self._finished(job))
+        return fut
+
+    def _finished(self, job: Job) -> None:
+        self.in_flight -= 1
+        self.completed += 1
+        self._jobs.discard(job)
+
+    def shutdown(self) -> None:
+        """Stop: queued jobs are dropped, the running search stops at its next step."""
+        for job in list(self._jobs):
+            job.cancelled.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(503, f"the request ran past this server's time limit ({self.limits.timeout:g} s from "
+                             "arrival, queue included; set by --timeout); ask for fewer tokens or a smaller search, "
+                             "or retry when the server is less busy", type="timeout", code="timeout")
+
+    # the worker thread ---------------------------------------------------------------------------
+    def _run(self, job: Job, emit: Callable[[str], None] | None) -> Outcome | None:
+        if job.cancelled.is_set():
+            return None
+        if time.monotonic() > job.deadline:
+            raise self.timeout_error()
+        aligner = self.aligner
+        try:
+            ids, user_text = aligner.encode_prompt(job.prompt, **job.prompt_options)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt") from None
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens (after the chat template), more than this server "
+                                f"allows ({self.limits.max_prompt_tokens}, set by --max-prompt-tokens)",
+                           param="prompt", code="limit_exceeded")
+        text = CommittedText(aligner.backend.decode, job.stop)
+        steps = 0
+
+        def on_commit(committed: list[int]) -> None:
+            nonlocal steps
+            steps += 1
+            if job.cancelled.is_set() or time.monotonic() > job.deadline:
+                raise _Abort()
+            delta = text.update(committed)
+            if delta and emit is not None:
+                emit(delta)
+            if text.stopped:
+                raise _StopSequence(committed)
+
+        start, before = time.perf_counter(), aligner.backend.counters.snapshot()
+        try:
+            result = aligner.generate(job.prompt, reward=job.reward, search=job.search, on_commit=on_commit,
+                                      **job.prompt_options)
+        except _Abort:
+            if job.cancelled.is_set():
+                return None
+            raise self.timeout_error() from None
+        except _StopSequence as stop:  # the answer is settled up to a stop sequence: no need to search on
+            after = aligner.backend.counters.snapshot()
+            stats = {"steps": steps, "forward_passes": after["forward_passes"] - before["forward_passes"],
+                     "tokens_processed": after["tokens_processed"] - before["tokens_processed"],
+                     "seconds": time.perf_counter() - start}
+            scores = job.reward.score([user_text], [text.sent], finished=[True]) if job.reward else None
+            info = {"finished": True, "reward": scores.total[0] if scores else 0.0,
+                    "rewards": scores.row(0) if scores else {}, "stats": stats}
+            return self._outcome(job, text.sent, "", "stop_sequence", len(ids), len(stop.ids), info)
+        except ValueError as exc:  # a reward that rejects its input, a bad setting found late
+            raise ApiError(400, str(exc)) from None
+        final, tail, cut = text.finish(result.text)
+        info = {"finished": result.finished, "reward": result.reward, "rewards": result.rewards,
+                "logprob": result.logprob, "score": result.score, "stats": result.stats}
+        stopped_by = "stop_sequence" if cut else "end_of_sequence" if result.finished else "max_tokens"
+        return self._outcome(job, final, tail, stopped_by, result.prompt_tokens, result.num_tokens, info)
+
+    def _outcome(self, job: Job, text: str, tail: str, stopped_by: str, n_prompt: int, n_out: int,
+                 info: dict) -> Outcome:
+        alignment = {"strategy": job.search.strategy, **info, "stopped_by": stopped_by, "search": job.search.to_dict()}
+        coverage = job.coverage(text) if job.coverage else None
+        if coverage is not None:
+            alignment["coverage"] = coverage
+        reason = "length" if stopped_by == "max_tokens" else "stop"
+        return Outcome(text, tail, reason, n_prompt, n_out, alignment)

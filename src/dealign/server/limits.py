@@ -1,0 +1,62 @@
+"""What the operator of ``dealign serve`` allows one request to cost, and how many may wait.
+
+Every request is checked against these before it is queued (or, for the prompt length, when its turn
+comes): a request over a limit gets a 400 naming the limit and the flag that sets it.  With one search
+running at a time and at most ``queue_size`` waiting, the server's memory is bounded by
+``(queue_size + 1)`` requests of at most these sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class ServerLimits:
+    max_tokens: int = 256  # largest max_tokens a request may ask for (--max-tokens)
+    max_candidates: int = 64  # largest search width: beam*topk*max(1, lookahead) for DeAL, beam*beam, n (--max-candidates)
+    max_prompt_tokens: int = 2048  # prompt after the chat template and instruction (--max-prompt-tokens)
+    timeout: float = 60.0  # seconds from arrival to answer, queue included (--timeout)
+    queue_size: int = 16  # requests waiting while one runs; beyond: 429 (--queue-size)
+    max_body_bytes: int = 1_000_000  # request body (--max-body-bytes)
+    max_connections: int = 64  # open connections; beyond: 503 from uvicorn (--max-connections)
+    allow_regex: bool = True  # must_match / must_not_match run the client's regular expressions (--allow-regex)
+    rewards: str = "all"  # named model rewards requests may use: all, none, or NAME,NAME (--rewards)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("allow_regex", "rewards"):
+                continue
+            minimum = 0 if f.name == "queue_size" else 1
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(f"{flag} must be a number >= {minimum}; got {value!r}")
+
+    def offered_rewards(self) -> list[str]:
+        """The named rewards (``dealign.rewards.registry``) requests may ask for; each loads its model
+        once, on first use, so memory grows by at most these models."""
+        try:
+            from ..rewards.registry import available
+        except ImportError:  # a build without model rewards
+            return []
+        names = list(available())
+        if self.rewards.strip().lower() == "all":
+            return names
+        if self.rewards.strip().lower() in ("", "none"):
+            return []
+        wanted = [w.strip().lower().replace("-", "_") for w in self.rewards.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise ValueError(f"--rewards: unknown named reward {unknown[0]!r}; known: {', '.join(names)}, or all / none")
+        return wanted
+
+    def width(self, cfg) -> int:
+        """How wide a search is, in rows of the model per step (what ``max_candidates`` bounds)."""
+        if cfg.strategy == "deal":
+            return cfg.beam * cfg.topk * max(1, cfg.lookahead)
+        if cfg.strategy == "beam":
+            return cfg.beam * cfg.beam
+        if cfg.strategy == "best-of-n":
+            return cfg.n
+        return 1

@@ -1,0 +1,491 @@
+"""``dealign serve``: the OpenAI-compatible server, driven by the real ``openai`` client (and raw HTTP
+for malformed requests) against uvicorn on a loopback port, on the tiny random-weight model.
+
+Also the search hook the server is built on (``on_commit``): it must not change what any strategy
+produces, must only ever report a growing prefix of the final answer, and must abort when it raises.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from dealign.cli.main import app as cli_app
+from dealign.rewards import keywords
+from dealign.server import ServerLimits
+from dealign.server.app import create_app
+from dealign.server.engine import CommittedText
+
+uvicorn = pytest.importorskip("uvicorn")
+
+MODEL = "tiny"
+LIMITS = ServerLimits(max_tokens=24, max_candidates=32, max_prompt_tokens=64, timeout=30, queue_size=4,
+                      max_body_bytes=20_000)
+ALIGN = {"keywords": ["dog", "frisbee"], "beam": 2, "topk": 2, "lookahead": 2, "lam": 5.0}
+
+
+class LoopbackServer:
+    """uvicorn serving ``app`` in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, app) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < end and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_aligner):
+    srv = LoopbackServer(create_app(tiny_aligner, LIMITS, model_name=MODEL))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return server.client()
+
+
+def extra(obj, name: str):
+    """An extra (non-OpenAI) field of an openai response object."""
+    return (obj.model_extra or {})[name]
+
+
+def greedy(aligner, prompt, n: int, **kw):
+    return aligner.generate(prompt, strategy="greedy", max_new_tokens=n, **kw)
+
+
+# the OpenAI endpoints ----------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["waiting"] == 0
+
+
+def test_plain_completion_is_greedy_decoding(client, tiny_aligner):
+    resp = client.completions.create(model=MODEL, prompt="the dog", max_tokens=8)
+    expected = greedy(tiny_aligner, "the dog", 8)
+    assert resp.choices[0].text == expected.text
+    assert resp.choices[0].finish_reason == ("stop" if expected.finished else "length")
+    assert resp.usage.completion_tokens == expected.num_tokens
+    assert resp.usage.prompt_tokens == expected.prompt_tokens
+    report = extra(resp, "alignment")
+    assert report["strategy"] == "greedy" and report["stats"]["forward_passes"] >= 1
+
+
+def test_completion_default_max_tokens_is_openais_16(client, tiny_aligner):
+    resp = client.completions.create(model=MODEL, prompt="a cat")
+    assert resp.choices[0].text == greedy(tiny_aligner, "a cat", 16).text
+
+
+def test_chat_completion(client, tiny_aligner):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the park"}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == greedy(tiny_aligner, messages, 10).text
+
+
+def test_sampling_follows_temperature_and_seed(client, tiny_aligner):
+    kw = dict(model=MODEL, prompt="the beach", max_tokens=10, temperature=0.9, seed=7)
+    first, second = client.completions.create(**kw), client.completions.create(**kw)
+    expected = tiny_aligner.generate("the beach", strategy="sample", temperature=0.9, seed=7, max_new_tokens=10)
+    assert first.choices[0].text == second.choices[0].text == expected.text
+    assert extra(first, "alignment")["strategy"] == "sample"
+
+
+def test_deal_aligned_completion_with_keywords(client, tiny_aligner):
+    resp = client.completions.create(model=MODEL, prompt="the dog", max_tokens=12, extra_body={"alignment": ALIGN})
+    expected = tiny_aligner.generate("the dog", reward=keywords(["dog", "frisbee"]), strategy="deal", beam=2, topk=2,
+                                     lookahead=2, lam=5.0, max_new_tokens=12)
+    assert resp.choices[0].text == expected.text
+    report = extra(resp, "alignment")
+    assert report["strategy"] == "deal"
+    assert set(report["rewards"]) == {"keywords"} and report["reward"] == pytest.approx(expected.reward)
+    assert report["search"]["beam"] == 2 and report["search"]["lookahead"] == 2
+    assert 0.0 <= report["coverage"] <= 1.0
+    assert report["stats"]["candidates_scored"] > 0
+
+
+def test_aligned_chat_with_weights_instruction_and_best_of_n(client, tiny_aligner):
+    messages = [{"role": "user", "content": "the dog"}]
+    align = {"keywords": "dog,frisbee", "max_words": 6, "weights": {"keywords": 0.7, "max_words": 0.3},
+             "instruction": "Use the words.", "strategy": "best-of-n", "n": 4}
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0.7, seed=1,
+                                          extra_body={"alignment": align})
+    reward = 0.7 * keywords("dog,frisbee")
+    from dealign.rewards import max_words
+
+    reward = reward + 0.3 * max_words(6)
+    expected = tiny_aligner.generate(messages, reward=reward, instruction="Use the words.", strategy="best-of-n", n=4,
+                                     temperature=0.7, seed=1, max_new_tokens=10)
+    assert resp.choices[0].message.content == expected.text
+    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", "max_words"}
+
+
+def _named_reward_or_skip(name: str) -> None:
+    registry = pytest.importorskip("dealign.rewards.registry")
+    if name not in registry.available():
+        pytest.skip(f"no named reward {name!r}")
+    if name in ("harmless", "helpful") and not (registry.WEIGHTS_DIR / name).is_dir():
+        pytest.skip(f"the packaged {name!r} reward head is not built")
+
+
+@pytest.mark.parametrize("name", ["harmless", "sentiment"])
+def test_named_model_reward_next_to_keywords(client, server, name):
+    _named_reward_or_skip(name)
+    assert name in httpx.get(server.url + "/health").json()["rewards"]
+    align = {**ALIGN, "named_rewards": {name: 0.5}}
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the dog"}], max_tokens=6,
+                                          extra_body={"alignment": align})
+    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", name}
+
+
+def test_operator_limits_the_named_rewards_and_regexes(tiny_aligner):
+    pytest.importorskip("dealign.rewards.registry")
+    limits = ServerLimits(rewards="none", allow_regex=False)
+    srv = LoopbackServer(create_app(tiny_aligner, limits, model_name=MODEL))
+    try:
+        for align, needle in (({"named_rewards": {"sentiment": 1.0}}, "offers: none"), ({"must_match": "dog"}, "--no-allow-regex")):
+            resp = httpx.post(srv.url + "/v1/completions", json={**GOOD, "alignment": align})
+            assert resp.status_code == 400 and needle in resp.json()["error"]["message"]
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="unknown named reward 'nope'"):
+        ServerLimits(rewards="sentiment,nope").offered_rewards()
+
+
+def stream_text(chunks, chat: bool) -> tuple[list[str], list]:
+    pieces = []
+    for c in chunks:
+        if c.choices:
+            piece = c.choices[0].delta.content if chat else c.choices[0].text
+            if piece:
+                pieces.append(piece)
+    return pieces, chunks
+
+
+@pytest.mark.parametrize("alignment", [None, ALIGN, {**ALIGN, "mode": "segment"}, {"strategy": "beam", "beam": 3}])
+def test_streaming_completion_sends_the_same_text_in_pieces(client, alignment):
+    kw = dict(model=MODEL, prompt="the dog", max_tokens=16)
+    if alignment:
+        kw["extra_body"] = {"alignment": alignment}
+    whole = client.completions.create(**kw)
+    pieces, chunks = stream_text(list(client.completions.create(stream=True, **kw)), chat=False)
+    assert "".join(pieces) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert extra(chunks[-1], "alignment")["strategy"] == extra(whole, "alignment")["strategy"]
+    if alignment is None and len(whole.choices[0].text.split()) >= 3:
+        assert len(pieces) >= 2  # greedy commits token by token: the text arrives as it is made
+
+
+def test_streaming_chat_with_usage(client, tiny_aligner):
+    messages = [{"role": "user", "content": "the cat"}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces, _ = stream_text(chunks, chat=True)
+    expected = greedy(tiny_aligner, messages, 12)
+    assert "".join(pieces) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.num_tokens
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stop_sequence_cuts_the_answer_and_the_search(client, tiny_aligner):
+    full = greedy(tiny_aligner, "the dog", 20)
+    middle = len(full.text) // 2  # a stop sequence from the middle of the answer (the tiny model's text is odd)
+    stop = next(full.text[i: i + 2] for i in range(middle, len(full.text) - 1) if "\ufffd" not in full.text[i: i + 2])
+    cut = full.text[: full.text.find(stop)]
+    resp = client.completions.create(model=MODEL, prompt="the dog", max_tokens=20, stop=[stop, "zzzz"])
+    assert resp.choices[0].text == cut and resp.choices[0].finish_reason == "stop"
+    assert extra(resp, "alignment")["stopped_by"] == "stop_sequence"
+    assert resp.usage.completion_tokens < full.num_tokens  # the search stopped there
+    pieces, _ = stream_text(list(client.completions.create(model=MODEL, prompt="the dog", max_tokens=20, stop=stop,
+                                                           stream=True)), chat=False)
+    assert "".join(pieces) == cut
+
+
+# errors: always 4xx with a message, never a 500 -------------------------------------------------
+
+GOOD = {"model": MODEL, "prompt": "the dog", "max_tokens": 4}
+BAD_REQUESTS = [
+    # (path, body (dict, or bytes sent as is), status, words the message must contain)
+    ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, ["not valid JSON"]),
+    ("/v1/completions", b"[1, 2]", 400, ["JSON object"]),
+    ("/v1/completions", b"", 400, ["body"]),
+    ("/v1/completions", {"prompt": "x"}, 400, ["model", "required"]),
+    ("/v1/completions", {"model": MODEL}, 400, ["prompt", "required"]),
+    ("/v1/completions", {**GOOD, "max_token": 4}, 400, ["unknown field", "max_token"]),
+    ("/v1/completions", {**GOOD, "max_tokens": "4"}, 400, ["max_tokens", "integer"]),
+    ("/v1/completions", {**GOOD, "max_tokens": True}, 400, ["max_tokens"]),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, ["max_tokens"]),
+    ("/v1/completions", {**GOOD, "temperature": 3}, 400, ["temperature"]),
+    ("/v1/completions", {**GOOD, "top_p": 0}, 400, ["top_p"]),
+    ("/v1/completions", {**GOOD, "seed": -1}, 400, ["seed"]),
+    ("/v1/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, ["stop"]),
+    ("/v1/completions", {**GOOD, "n": 2}, 400, ["n=2", "not supported"]),
+    ("/v1/completions", {**GOOD, "echo": True}, 400, ["echo"]),
+    ("/v1/completions", {**GOOD, "prompt": [1, 2, 3]}, 400, ["token-id"]),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, ["one prompt"]),
+    ("/v1/completions", {**GOOD, "prompt": "   "}, 400, ["empty"]),
+    ("/v1/completions", {**GOOD, "model": "gpt-4"}, 404, ["gpt-4", MODEL]),
+    ("/v1/completions", {**GOOD, "alignment": {"beams": 2}}, 400, ["unknown alignment field", "'beam'"]),
+    ("/v1/completions", {**GOOD, "alignment": {"max_new_tokens": 9}}, 400, ["max_tokens"]),
+    ("/v1/completions", {**GOOD, "alignment": {"beam": "wide"}}, 400, ["beam", "integer"]),
+    ("/v1/completions", {**GOOD, "alignment": {"beam": 0}}, 400, ["beam", ">= 1"]),
+    ("/v1/completions", {**GOOD, "alignment": {"strategy": "magic"}}, 400, ["strategy", "deal"]),
+    ("/v1/completions", {**GOOD, "alignment": {"keywords": 5}}, 400, ["keywords"]),
+    ("/v1/completions", {**GOOD, "alignment": {"must_match": "("}}, 400, ["regular expression"]),
+    ("/v1/completions", {**GOOD, "alignment": {"keywords": ["dog"], "weights": {"kw": 1}}}, 400, ["kw"]),
+    ("/v1/completions", {**GOOD, "alignment": {"strategy": "sample"}, "temperature": 0}, 400, ["temperature"]),
+    ("/v1/completions", {**GOOD, "alignment": [1]}, 400, ["alignment"]),
+    ("/v1/completions", {**GOOD, "alignment": {"reward_model": "/tmp"}}, 400, ["reward_model", "not accepted"]),
+    ("/v1/completions", {**GOOD, "alignment": {"named_rewards": {"/etc": 1.0}}}, 400, ["named_rewards"]),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, ["messages"]),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, ["role"]),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, ["content", "required"]),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, ["text"]),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400,
+     ["tools", "not supported"]),
+    # limits set by the operator
+    ("/v1/completions", {**GOOD, "max_tokens": 1000}, 400, ["1000", "--max-tokens"]),
+    ("/v1/completions", {**GOOD, "alignment": {"beam": 4, "topk": 4, "lookahead": 3}}, 400, ["48", "--max-candidates"]),
+    ("/v1/completions", {**GOOD, "alignment": {"strategy": "best-of-n", "n": 64}}, 400, ["--max-candidates"]),
+    ("/v1/completions", {**GOOD, "prompt": "the dog " * 60}, 400, ["--max-prompt-tokens"]),
+    ("/v1/completions", {**GOOD, "prompt": "x" * 30_000}, 413, ["--max-body-bytes"]),
+]
+
+
+@pytest.mark.parametrize("path,body,status,needles", BAD_REQUESTS, ids=[f"{i}" for i in range(len(BAD_REQUESTS))])
+def test_malformed_and_over_limit_requests_get_a_4xx_with_a_message(server, path, body, status, needles):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    for needle in needles:
+        assert needle in error["message"], error
+    assert "Traceback" not in resp.text
+
+
+def test_openai_client_raises_a_clear_error(client):
+    with pytest.raises(openai.BadRequestError, match="unknown alignment field 'beams'"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"alignment": {"beams": 2}})
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                                ("GET", "/v1/models/other", 404)])
+def test_unknown_routes_answer_in_the_error_format(server, method, path, status):
+    resp = httpx.request(method, server.url + path)
+    assert resp.status_code == status
+    assert resp.json()["error"]["message"]
+
+
+def test_streaming_request_errors_before_the_stream_starts(client):
+    with pytest.raises(openai.BadRequestError, match="--max-tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=500, stream=True)
+
+
+# the queue and the time limit -------------------------------------------------------------------
+
+
+class GatedAligner:
+    """The tiny aligner behind a gate (a search waits until ``gate`` is set) and with ``delay`` seconds
+    before the search and before every step, each followed by a call of the real hook (so the
+    server's time limit and cancellation are checked as they would be between real steps)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.delay, self.gate = inner, 0.0, threading.Event()
+        self.gate.set()
+        self.backend, self.tokenizer, self.encode_prompt = inner.backend, inner.tokenizer, inner.encode_prompt
+
+    def generate(self, prompt, *, on_commit, **kw):
+        self.gate.wait(30)
+
+        def slow(ids):
+            time.sleep(self.delay)
+            on_commit(ids)
+
+        slow([])
+        return self.inner.generate(prompt, on_commit=slow, **kw)
+
+
+@pytest.fixture
+def gated(tiny_aligner):
+    aligner = GatedAligner(tiny_aligner)
+    srv = LoopbackServer(create_app(aligner, ServerLimits(max_tokens=24, timeout=1.5, queue_size=1), model_name=MODEL))
+    yield srv, aligner
+    aligner.gate.set()
+    srv.stop()
+
+
+def _post_later(url: str, body: dict, out: list) -> threading.Thread:
+    t = threading.Thread(target=lambda: out.append(httpx.post(url + "/v1/completions", json=body, timeout=30)))
+    t.start()
+    return t
+
+
+def _wait_for(url: str, running: int, waiting: int) -> None:
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        h = httpx.get(url + "/health").json()
+        if h["running"] == running and h["waiting"] == waiting:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the server never had {running} running and {waiting} waiting: {h}")
+
+
+BODY = {"model": MODEL, "prompt": "the dog", "max_tokens": 6}
+
+
+def test_a_full_queue_answers_429_at_once(gated):
+    (srv, aligner), results = gated, []
+    aligner.gate.clear()  # the first search holds the worker
+    threads = [_post_later(srv.url, BODY, results)]
+    _wait_for(srv.url, 1, 0)
+    threads.append(_post_later(srv.url, BODY, results))
+    _wait_for(srv.url, 1, 1)
+    busy = httpx.post(srv.url + "/v1/completions", json=BODY)  # one running, one waiting: the queue (1) is full
+    assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+    assert busy.headers["Retry-After"] == "1"
+    with pytest.raises(openai.RateLimitError, match="--queue-size"):
+        srv.client().completions.create(**BODY)
+    aligner.gate.set()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [200, 200]
+    assert httpx.post(srv.url + "/v1/completions", json=BODY).status_code == 200
+
+
+def test_the_time_limit_answers_503_and_stops_the_search(gated):
+    srv, aligner = gated
+    aligner.delay = 2.0  # > the 1.5 s limit before the first step
+    slow = httpx.post(srv.url + "/v1/completions", json=BODY)
+    assert slow.status_code == 503 and "--timeout" in slow.json()["error"]["message"]
+    with pytest.raises(openai.APIError, match="time limit"):  # streamed: an error event, then [DONE]
+        list(srv.client().completions.create(stream=True, **BODY))
+    _wait_for(srv.url, 0, 0)
+
+
+def test_a_client_that_leaves_stops_its_search(gated):
+    srv, aligner = gated
+    aligner.delay = 0.3
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**BODY, "max_tokens": 24, "stream": True}) as resp:
+        assert resp.status_code == 200
+    start = time.monotonic()
+    _wait_for(srv.url, 0, 0)
+    assert time.monotonic() - start < 1.0  # the next step saw the client gone (the search had 24 x 0.3 s to go)
+
+
+# the command line ---------------------------------------------------------------------------------
+
+
+def test_serve_rejects_bad_limits_and_a_busy_port_before_loading_a_model():
+    result = CliRunner().invoke(cli_app, ["serve", "--max-tokens", "0", "--model", "/nonexistent"])
+    assert result.exit_code == 2
+    assert "--max-tokens must be" in result.stderr and "Traceback" not in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = CliRunner().invoke(cli_app, ["serve", "--port", port, "--model", "/nonexistent"])
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+# the search hook ----------------------------------------------------------------------------------
+
+STRATEGY_SETTINGS = [
+    dict(strategy="greedy"),
+    dict(strategy="sample", temperature=0.9, seed=3),
+    dict(strategy="best-of-n", n=3, temperature=1.0, seed=2),
+    dict(strategy="beam", beam=3),
+    dict(strategy="deal", beam=2, topk=3, lookahead=2),
+    dict(strategy="deal", beam=2, topk=2, lookahead=2, mode="segment"),
+]
+
+
+@pytest.mark.parametrize("settings", STRATEGY_SETTINGS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_on_commit_sees_a_growing_prefix_and_changes_nothing(tiny_aligner, settings):
+    reward = keywords(["dog", "frisbee"])
+    plain = tiny_aligner.generate("the dog", reward=reward, max_new_tokens=12, **settings)
+    seen: list[list[int]] = []
+    hooked = tiny_aligner.generate("the dog", reward=reward, max_new_tokens=12, on_commit=seen.append, **settings)
+    assert hooked.token_ids == plain.token_ids and hooked.text == plain.text
+    assert hooked.reward == plain.reward and hooked.logprob == pytest.approx(plain.logprob)
+    assert seen, "the hook was never called"
+    for before, after in zip(seen, seen[1:]):
+        assert after[: len(before)] == before
+    assert hooked.token_ids[: len(seen[-1])] == seen[-1]
+
+
+def test_raising_from_on_commit_aborts_the_search(tiny_aligner):
+    class Stop(Exception):
+        pass
+
+    def hook(ids):
+        raise Stop
+
+    for strategy in ("greedy", "deal"):
+        with pytest.raises(Stop):
+            tiny_aligner.generate("the dog", strategy=strategy, max_new_tokens=8, on_commit=hook)
+
+
+def test_committed_text_holds_back_what_may_still_change():
+    decode = {(1,): "Hello", (1, 2): "Hello wor", (1, 2, 3): "Hello world\ufffd", (1, 2, 3, 4): "Hello world!"}
+    text = CommittedText(lambda ids: decode[tuple(ids)], stops=["!"])
+    assert text.update([1]) == "Hello"
+    assert text.update([1, 2]) == " wor"
+    assert text.update([1, 2, 3]) == "ld"  # an incomplete character is held back
+    assert text.update([1, 2, 3, 4]) == "" and text.stopped  # the stop sequence is not sent
+    assert text.finish("Hello world! more") == ("Hello world", "", True)
+
+
+# the real default model --------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm2_aligned_chat_with_keyword_and_harmlessness_objectives():
+    """The issue's check: the openai client gets a DeAL-aligned answer from the packaged SmolLM2."""
+    _named_reward_or_skip("harmless")
+    from dealign import Aligner
+
+    srv = LoopbackServer(create_app(Aligner.from_pretrained(), ServerLimits(), model_name="smollm2"))
+    try:
+        align = {"keywords": ["dog", "frisbee", "catch"], "named_rewards": {"harmless": 0.5}, "beam": 4, "topk": 4,
+                 "lookahead": 1}
+        messages = [{"role": "user", "content": "Write one short sentence that uses all of these words: dog, frisbee, catch."}]
+        resp = srv.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=32,
+                                                    extra_body={"alignment": align})
+        report = extra(resp, "alignment")
+        assert set(report["rewards"]) == {"keywords", "harmless"}
+        assert report["coverage"] == 1.0 and resp.choices[0].finish_reason == "stop", resp.choices[0].message.content
+        pieces, _ = stream_text(list(srv.client().chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=32, stream=True, extra_body={"alignment": align})), chat=True)
+        assert "".join(pieces) == resp.choices[0].message.content
+    finally:
+        srv.stop()
