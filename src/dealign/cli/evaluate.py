@@ -23,7 +23,8 @@ def _judge(spec: str | None, policy_loader):
     for name in ([spec] if spec else ["gemma3-270m"]):
         try:
             judge = load_aligner(name)
-            return name, lambda p, t: mean_token_nll(judge, p, t, chat=False)
+            chat = bool(getattr(judge.tokenizer, "chat_template", None))  # a chat model judges the answer in context
+            return name, lambda p, t: mean_token_nll(judge, p, t, chat=chat)
         except ModelLoadError as exc:
             print(f"fluency judge {name!r} unavailable ({exc}); using the policy model", file=sys.stderr)
     policy = policy_loader()
