@@ -24,7 +24,8 @@ import torch
 
 from .backends.hf import HFBackend, NaiveHFBackend
 from .evaluation.data import commongen
-from .rewards import keyword_coverage, keywords
+from .evaluation.tasks import KEYWORDS
+from .rewards import keywords
 from .search import SearchConfig, run_search
 
 PAPERLIKE = dict(beam=4, topk=8, lookahead=8)  # the reference setting: beam 4, top-k 8, lookahead 8
@@ -147,9 +148,9 @@ def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int) -> Row:
                 st = {"forward_passes": res.stats.forward_passes, "tokens_processed": res.stats.tokens_processed}
             secs.append(time.perf_counter() - start)
             done = bool(out) and out[-1] in aligner.backend.eos_ids
-            cov = keyword_coverage(aligner.backend.decode(out), cs.keywords)
+            m = KEYWORDS.metrics({"text": aligner.backend.decode(out), "keywords": cs.keywords, "finished": done})
             toks.append(len(out)); fps.append(st["forward_passes"]); tps.append(st["tokens_processed"])
-            soft.append(cov); hard.append(float(cov == 1.0 and done)); fin.append(float(done)); outs.append(out)
+            soft.append(m["soft"]); hard.append(m["hard_finished"]); fin.append(float(done)); outs.append(out)
     n = len(items)
     return Row(bc.name, bc.note, n, sum(secs) / n, sum(toks) / n, sum(fps) / n, sum(tps) / n, mem.mib,
                sum(soft) / n, sum(hard) / n, sum(fin) / n, outputs=outs)

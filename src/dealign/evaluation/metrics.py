@@ -17,7 +17,7 @@ def mean_token_nll(aligner: Any, prompt: str, text: str, *, chat: bool = True) -
         prompt_ids, _ = aligner.encode_prompt(prompt)
     else:
         tok = aligner.tokenizer
-        prompt_ids = [tok.bos_token_id] if tok.bos_token_id is not None else [aligner.backend._pad]
+        prompt_ids = [tok.bos_token_id] if tok.bos_token_id is not None else [min(aligner.backend.eos_ids)]
     answer_ids = aligner.tokenizer.encode(text, add_special_tokens=False)
     if not answer_ids:
         return math.nan
