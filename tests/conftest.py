@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dealign.search import SearchConfig
+
 CORPUS = [
     "the dog catches a red frisbee in the park",
     "a man throws the ball to his dog on the beach",
@@ -120,3 +122,30 @@ def _isolated_cache(tmp_path_factory):
         os.environ["DEALIGN_CACHE"] = str(Path.home() / ".cache" / "dealign")
     torch.set_num_threads(1)  # tiny models: threads only add overhead (integration tests set their own)
     yield
+
+
+PROMPT = "the dog catches a"
+
+# DeAL settings that exercise every path of the search (token/segment, lookahead 0-3, top-p, length
+# penalty, no early stop): backends are compared on all of them
+SEARCH_CONFIGS = {
+    "token-L0": SearchConfig(mode="token", beam=2, topk=3, lookahead=0, lam=2.0, max_new_tokens=6),
+    "token-L1": SearchConfig(mode="token", beam=2, topk=3, lookahead=1, lam=2.0, max_new_tokens=6),
+    "token-L3": SearchConfig(mode="token", beam=3, topk=3, lookahead=3, lam=2.0, max_new_tokens=6),
+    "segment-L1": SearchConfig(mode="segment", beam=2, topk=3, lookahead=1, lam=2.0, max_new_tokens=8),
+    "segment-L3": SearchConfig(mode="segment", beam=2, topk=4, lookahead=3, lam=2.0, max_new_tokens=9),
+    "top_p": SearchConfig(mode="token", beam=2, topk=6, top_p=0.05, lookahead=2, lam=2.0, max_new_tokens=6),
+    "length_penalty": SearchConfig(mode="token", beam=2, topk=3, lookahead=2, lam=0.5, length_penalty=1.0, max_new_tokens=6),
+    "segment-length_penalty": SearchConfig(mode="segment", beam=2, topk=3, lookahead=2, lam=0.5, length_penalty=0.7, max_new_tokens=8),
+    "no-early-stop": SearchConfig(mode="token", beam=3, topk=2, lookahead=2, lam=1.0, early_stop=False, max_new_tokens=6),
+}
+
+
+def letters(prompts, completions):
+    """A graded reward: the share of plain letters and spaces in the text (0 for an empty text)."""
+    return [sum(c.isalpha() or c == " " for c in t) / len(t) if t else 0.0 for t in completions]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_tokenizer):
+    return tiny_tokenizer.encode(PROMPT)

@@ -11,13 +11,6 @@ from dealign.backends.hf import HFBackend, NaiveHFBackend
 
 from conftest import EosBoost  # noqa: E402
 
-PROMPT = "the dog catches a"
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tiny_tokenizer):
-    return tiny_tokenizer.encode(PROMPT)
-
 
 @pytest.fixture()
 def fast(tiny_model, tiny_tokenizer):

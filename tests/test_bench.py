@@ -31,3 +31,24 @@ def test_bench_reports_every_configuration_and_checks_equivalence(tiny_model_dir
     assert check["naive_forward_passes"] > check["optimised_forward_passes"]
     table = markdown(report)
     assert "deal naive" in table and "identical tokens: yes" in table
+
+
+def test_bench_remote_rows_next_to_their_local_twins(tiny_model_dir, tiny_model, tiny_tokenizer):
+    from fake_vllm import FakeVLLM
+
+    base = SearchConfig(max_new_tokens=6, beam=2, topk=3, lookahead=2)
+    configs = [
+        BenchConfig("greedy", base.replace(strategy="greedy")),
+        BenchConfig("deal segment", base.replace(mode="segment")),
+        BenchConfig("remote greedy", base.replace(strategy="greedy"), remote=True),
+        BenchConfig("remote deal segment", base.replace(mode="segment"), remote=True),
+    ]
+    with FakeVLLM(tiny_model, tiny_tokenizer) as engine:
+        report = run_bench(str(tiny_model_dir), prompts=2, max_new_tokens=6, configs=configs, progress=lambda m: None,
+                           remote=engine.url, remote_dialect="vllm")
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["remote greedy"]["requests"] == 2 and rows["remote deal segment"]["requests"] > 2
+    assert rows["greedy"]["x_greedy"] == 1.0  # the local greedy stays the baseline
+    checks = {c["remote"]: c for c in report["equivalence"]}
+    assert checks["remote greedy"]["identical"] == 2 and checks["remote deal segment"]["identical"] == 2
+    assert "identical tokens on 2/2 prompts" in markdown(report)

@@ -7,6 +7,7 @@ Settings are kept tiny (6 new tokens, beam 2, top-k 2, lookahead 2): these tests
 from __future__ import annotations
 
 import io
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,7 +82,10 @@ def test_unset_search_flags_fall_back_to_searchconfig_defaults(cli, monkeypatch)
     monkeypatch.setattr(Aligner, "generate", spy)
     result = cli("generate", "the dog", "--max-new-tokens", "4", "--lam", "2", "--strategy", "greedy")
     assert result.exit_code == 0, result.output
-    assert seen["search"] == SearchConfig().replace(max_new_tokens=4, lam=2.0, strategy="greedy")
+    # only the given settings reach the aligner, which fills in its own defaults (SearchConfig's locally)
+    assert "search" not in seen and {k: seen[k] for k in ("max_new_tokens", "lam", "strategy")} == {
+        "max_new_tokens": 4, "lam": 2.0, "strategy": "greedy"}
+    assert not set(seen) & ({f.name for f in dataclasses.fields(SearchConfig)} - {"max_new_tokens", "lam", "strategy"})
     assert "instruction" not in seen and "response_prefix" not in seen
 
 
@@ -161,6 +165,18 @@ def test_resume_refuses_an_output_for_other_prompts(cli, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
     out = write_jsonl(tmp_path / "out.jsonl", [{"prompt": "something else", "text": "x"}])
     assert_clean_error(cli("generate", "--input", str(src), "--output", str(out), "--resume"), 2, "cannot resume")
+
+
+def test_resume_refuses_an_output_made_with_other_settings(cli, tmp_path):
+    """Same prompts, another strategy (e.g. an eval rerun with a different strategy list): not mixed in."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one", "strategy": "deal"}, {"prompt": "two"}])
+    out = write_jsonl(tmp_path / "out.jsonl", [{"prompt": "one", "strategy": "greedy", "method": "greedy", "text": "x"}])
+    assert cli("generate", "--input", str(src), "--output", str(tmp_path / "ok.jsonl"), *SMALL).exit_code == 0
+    ok = read_jsonl(tmp_path / "ok.jsonl")[:1]
+    write_jsonl(tmp_path / "partial.jsonl", ok)  # its own answer, with the answer's "strategy" field: resumable
+    assert cli("generate", "--input", str(src), "--output", str(tmp_path / "partial.jsonl"), *SMALL, "--resume").exit_code == 0
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one", "method": "deal"}, {"prompt": "two"}])
+    assert_clean_error(cli("generate", "--input", str(src), "--output", str(out), "--resume"), 2, "different 'method'")
 
 
 # errors --------------------------------------------------------------------------------------------

@@ -280,3 +280,23 @@ def test_weighted_sum_with_model_rewards_is_a_plain_weighted_sum(tiny_rm):
     s = total.score(PROMPTS, TEXTS)
     assert s.total[0] == pytest.approx(2.0 * s.parts[rm.name][0] + 0.5 * s.parts["sentiment"][0])
     torch.testing.assert_close(torch.tensor(s.parts[rm.name]), torch.tensor(rm(PROMPTS, TEXTS)))
+
+
+def test_model_rewards_can_be_scheduled_from_the_cli_and_batch_fields(tiny_model_dir, tmp_path):
+    from dealign.cli.options import Settings, UsageError
+
+    total = Settings.from_values({"named_rewards": {"sentiment": 1.0}, "keywords": "dog",
+                                  "reward_every_n_tokens": 4, "reward_finished_only": True}).build_reward()
+    sched = {name: (r.every_n_tokens, r.finished_only) for (r, _), name in zip(total.terms, total.names)}
+    assert sched == {"keywords": (1, False), "sentiment": (4, True)}  # programmatic rewards stay every token
+    assert named_reward("sentiment").every_n_tokens == 1  # the shared named reward is not modified
+    for bad, needle in (({"reward_every_n_tokens": 0}, "integer >= 1"), ({"reward_finished_only": "yes"}, "true or false")):
+        with pytest.raises(UsageError, match=needle):
+            Settings.from_values({"named_rewards": {"sentiment": 1.0}, **bad})
+    with pytest.raises(UsageError, match="schedule model rewards"):
+        Settings.from_values({"reward_every_n_tokens": 2, "keywords": "dog"}).build_reward()
+
+    res = CliRunner().invoke(app, ["generate", "the dog", *SMALL, "--model", str(tiny_model_dir), "--reward", "sentiment=1",
+                                   "--reward-every-n-tokens", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.stdout)["rewards"]) == {"sentiment"}

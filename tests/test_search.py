@@ -14,19 +14,7 @@ from dealign.rewards import Reward, WeightedSum, as_reward
 from dealign.search import SearchConfig, run_search
 from dealign.search.deal import normalised, propose
 
-from conftest import EosBoost  # noqa: E402
-
-PROMPT = "the dog catches a"
-
-
-def letters(prompts, completions):
-    """A graded reward: the share of plain letters and spaces in the text (0 for an empty text)."""
-    return [sum(c.isalpha() or c == " " for c in t) / len(t) if t else 0.0 for t in completions]
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tiny_tokenizer):
-    return tiny_tokenizer.encode(PROMPT)
+from conftest import PROMPT, SEARCH_CONFIGS as ORACLE_CONFIGS, EosBoost, letters  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +99,6 @@ def test_same_seed_same_tokens(tiny_model, tiny_tokenizer, prompt_ids, cfg):
 
 # batched lookahead == one-row-at-a-time lookahead -----------------------------------------------------
 
-ORACLE_CONFIGS = {
-    "token-L0": SearchConfig(mode="token", beam=2, topk=3, lookahead=0, lam=2.0, max_new_tokens=6),
-    "token-L1": SearchConfig(mode="token", beam=2, topk=3, lookahead=1, lam=2.0, max_new_tokens=6),
-    "token-L3": SearchConfig(mode="token", beam=3, topk=3, lookahead=3, lam=2.0, max_new_tokens=6),
-    "segment-L1": SearchConfig(mode="segment", beam=2, topk=3, lookahead=1, lam=2.0, max_new_tokens=8),
-    "segment-L3": SearchConfig(mode="segment", beam=2, topk=4, lookahead=3, lam=2.0, max_new_tokens=9),
-    "top_p": SearchConfig(mode="token", beam=2, topk=6, top_p=0.05, lookahead=2, lam=2.0, max_new_tokens=6),
-    "length_penalty": SearchConfig(mode="token", beam=2, topk=3, lookahead=2, lam=0.5, length_penalty=1.0, max_new_tokens=6),
-    "segment-length_penalty": SearchConfig(mode="segment", beam=2, topk=3, lookahead=2, lam=0.5, length_penalty=0.7, max_new_tokens=8),
-    "no-early-stop": SearchConfig(mode="token", beam=3, topk=2, lookahead=2, lam=1.0, early_stop=False, max_new_tokens=6),
-}
 
 
 @pytest.mark.parametrize("name", list(ORACLE_CONFIGS))

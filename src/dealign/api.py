@@ -58,6 +58,7 @@ class Aligner:
                     "Pick a draft model from the same family."
                 )
             self.draft = HFBackend(d_model, d_tok, name="draft")
+        self.search_defaults: dict[str, Any] = {}  # what SearchConfig() leaves out for this backend
         self.name = name
 
     @classmethod
@@ -76,6 +77,37 @@ class Aligner:
             d = load(draft_model, dtype=dtype, device=device)
             draft = (d.model, d.tokenizer)
         return cls(loaded.model, loaded.tokenizer, draft=draft, name=str(model or "smollm2"))
+
+    @classmethod
+    def from_remote(
+        cls,
+        url: str,
+        *,
+        dialect: str = "llamacpp",
+        tokenizer: str | Any | None = None,
+        model: str | None = None,
+        top_n: int = 20,
+        concurrency: int = 16,
+        timeout: float = 300.0,
+    ) -> "Aligner":
+        """Drive the search on a serving engine at ``url`` (``dialect`` ``"llamacpp"`` or ``"vllm"``;
+        SGLang speaks ``"vllm"``).  ``tokenizer`` is the served model's tokenizer: a tokenizer object,
+        or a packaged name / folder / .gguf / cached hub id to load it from (default: the packaged
+        SmolLM2); the chat template is applied here and only token ids travel.  ``model`` is the served
+        model's name for the OpenAI dialect (default: the first of ``GET /v1/models``).  ``top_n``
+        log-probabilities per position must cover the search's ``topk``.  See ``backends/remote.py``."""
+        from .backends.remote import RemoteBackend
+
+        tok, eos = (tokenizer, None) if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
+        self = cls.__new__(cls)
+        self.tokenizer = tok
+        self.backend = RemoteBackend(url, tok, dialect=dialect, model=model, top_n=top_n, concurrency=concurrency,
+                                     timeout=timeout, eos_ids=eos)
+        self.draft = None
+        # every token-mode step is a round trip per candidate: commit whole segments unless told otherwise
+        self.search_defaults = dict(REMOTE_SEARCH_DEFAULTS)
+        self.name = f"{dialect}@{url}"
+        return self
 
     # prompts -------------------------------------------------------------------------------------
     def encode_prompt(
@@ -133,11 +165,51 @@ class Aligner:
 
         ``on_commit(token_ids)`` is called after every search step with the answer's tokens that are
         already certain (a growing prefix; see ``run_search``); raising from it aborts the search."""
+        if search is None:
+            overrides = {**self.search_defaults, **overrides}
         cfg = _config(search, overrides)
         rsum = as_reward(reward)
         ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
+        check = getattr(self.backend, "check_search", None)  # a remote engine: top_n must cover topk
+        if check is not None:
+            check(cfg)
+        before = self.backend.counters.snapshot()
         result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit)
-        return _to_result(result, cfg, len(ids))
+        out = _to_result(result, cfg, len(ids))
+        after = self.backend.counters.snapshot()
+        for key in after.keys() - out.stats.keys():  # a remote engine's requests and round trips
+            out.stats[key] = after[key] - before[key]
+        return out
+
+
+# An engine's round trips dominate a remote search: segment mode sends one request per candidate per
+# ``lookahead`` tokens (bench: 34 requests/prompt vs 159 in token mode, 2.65 vs 3.40 s/prompt)
+REMOTE_SEARCH_DEFAULTS = {"mode": "segment", "lookahead": 4}
+
+
+def load_tokenizer(spec: str | None = None) -> tuple[Any, set[int] | None]:
+    """The tokenizer of a packaged model name, folder, .gguf file or cached hub id, and the model's
+    end-of-sequence ids (its generation config's, as the local backend uses), without loading weights."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .models.loading import ModelLoadError, resolve
+
+    where = resolve(spec)
+    kwargs = {"local_files_only": True} if not hasattr(where, "is_dir") else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {where!r} (a packaged model name, a folder with the "
+                             f"tokenizer files, a .gguf file or a hub id in the local cache): {exc}") from exc
+    eos: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(str(where), **kwargs).eos_token_id
+        eos.update([gen] if isinstance(gen, int) else (gen or []))
+    except (OSError, ValueError):
+        pass
+    if isinstance(tok.eos_token_id, int):
+        eos.add(tok.eos_token_id)
+    return tok, eos or None
 
 
 def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> SearchConfig:

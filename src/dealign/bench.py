@@ -38,6 +38,17 @@ class BenchConfig:
     naive: bool = False
     note: str = ""
     dtype: str = "float32"
+    remote: bool = False  # run on the remote engine (run_bench's ``remote``) instead of the local model
+
+
+def remote_configs(max_new_tokens: int) -> list[BenchConfig]:
+    """The remote engine's rows, each the twin of a local row (same search, same prompts)."""
+    base = SearchConfig(max_new_tokens=max_new_tokens)
+    return [
+        BenchConfig("remote greedy", base.replace(strategy="greedy"), remote=True),
+        BenchConfig("remote deal token default", base, remote=True, note="b4 k4 l1 lam20"),
+        BenchConfig("remote deal segment b4 k4 l4", base.replace(mode="segment", lookahead=4), remote=True),
+    ]
 
 
 def default_configs(max_new_tokens: int) -> list[BenchConfig]:
@@ -118,6 +129,7 @@ class Row:
     hard_finished: float
     finished: float
     x_greedy: float = float("nan")
+    requests: float = float("nan")  # HTTP requests per prompt (remote rows)
     outputs: list[list[int]] = field(default_factory=list)
 
 
@@ -133,8 +145,11 @@ def _hf_generate(aligner, ids: list[int], max_new_tokens: int) -> tuple[list[int
     return gen[:cut], {"forward_passes": cut, "tokens_processed": len(ids) + cut - 1}
 
 
-def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int) -> Row:
+def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int, remote=None) -> Row:
     backend = NaiveHFBackend(aligner.backend.model, aligner.tokenizer) if bc.naive else aligner.backend
+    if bc.remote:
+        backend = remote
+        requests_before = remote.counters.requests
     secs, toks, fps, tps, soft, hard, fin, outs = [], [], [], [], [], [], [], []
     with PeakRSS() as mem:
         for cs in items:
@@ -152,16 +167,55 @@ def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int) -> Row:
             toks.append(len(out)); fps.append(st["forward_passes"]); tps.append(st["tokens_processed"])
             soft.append(m["soft"]); hard.append(m["hard_finished"]); fin.append(float(done)); outs.append(out)
     n = len(items)
-    return Row(bc.name, bc.note, n, sum(secs) / n, sum(toks) / n, sum(fps) / n, sum(tps) / n, mem.mib,
-               sum(soft) / n, sum(hard) / n, sum(fin) / n, outputs=outs)
+    row = Row(bc.name, bc.note, n, sum(secs) / n, sum(toks) / n, sum(fps) / n, sum(tps) / n, mem.mib,
+              sum(soft) / n, sum(hard) / n, sum(fin) / n, outputs=outs)
+    if bc.remote:
+        row.requests = (remote.counters.requests - requests_before) / n
+    return row
 
 
 def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int = 2, max_new_tokens: int = 32,
-              configs: list[BenchConfig] | None = None, progress: Callable[[str], None] = print) -> dict:
+              configs: list[BenchConfig] | None = None, progress: Callable[[str], None] = print,
+              remote: str | None = None, remote_dialect: str = "llamacpp", remote_threads: int = 1) -> dict:
     """Run every configuration; naive ones on the first ``naive_prompts`` prompts only (they are slow),
-    and their optimised twins are checked token for token on those prompts."""
+    and their optimised twins are checked token for token on those prompts.
+
+    ``remote`` adds the remote backend's rows (:func:`remote_configs`): an engine URL serving the same
+    model (``remote_dialect``), or ``"auto"`` to start the built ``llama-server`` on the packaged GGUF
+    with ``remote_threads`` threads.  Each remote row is compared token for token with its local twin."""
+    from contextlib import ExitStack
+
     from .api import Aligner
 
+    with ExitStack() as stack:
+        engine = None
+        if remote is not None:
+            engine = _remote_engine(stack, remote, remote_dialect, model, remote_threads, progress)
+        return _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress, engine, Aligner)
+
+
+def _remote_engine(stack, remote: str, dialect: str, model: str | None, threads: int, progress):
+    """Connect to ``remote`` (or start llama-server for ``"auto"``) with the policy's tokenizer."""
+    from .api import load_tokenizer
+    from .backends.remote import RemoteBackend
+
+    if remote == "auto":
+        from .backends.llama_server import LlamaServer
+        from .models.loading import ALIASES, PACKAGED, packaged_gguf
+
+        key = ALIASES.get((model or "smollm2").lower(), (model or "smollm2").lower())
+        gguf = packaged_gguf(key) if key in PACKAGED else Path(model)
+        if gguf.suffix != ".gguf":
+            raise ValueError("--remote auto starts llama-server on a GGUF file: give a packaged model or a .gguf --model")
+        progress(f"starting llama-server on {gguf.name} ({threads} threads) ...")
+        remote, dialect = stack.enter_context(LlamaServer(gguf, threads=threads, parallel=16, ctx_per_slot=512)).url, "llamacpp"
+    tok, eos = load_tokenizer(model)
+    backend = RemoteBackend(remote, tok, dialect=dialect, eos_ids=eos, top_n=20)
+    stack.callback(backend.close)
+    return backend
+
+
+def _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress, engine, Aligner) -> dict:
     aligners: dict[str, Aligner] = {}
 
     def aligner_for(dtype: str) -> Aligner:
@@ -172,23 +226,32 @@ def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int
         return aligners[dtype]
 
     items = commongen(prompts)
-    configs = configs or default_configs(max_new_tokens)
+    configs = configs or default_configs(max_new_tokens) + (remote_configs(max_new_tokens) if engine else [])
     aligner = aligner_for("float32")
     rows: list[Row] = []
     for bc in configs:
         subset = items[:naive_prompts] if bc.naive else items
         progress(f"running {bc.name} on {len(subset)} prompts ...")
-        rows.append(run_config(aligner_for(bc.dtype), bc, subset, max_new_tokens))
+        rows.append(run_config(aligner_for(bc.dtype), bc, subset, max_new_tokens, remote=engine))
     # each row against our greedy decoding at the same precision (the fair baseline for that row)
-    greedy = {c.dtype: r for c, r in zip(configs, rows) if c.search is not None and c.search.strategy == "greedy"}
+    greedy = {c.dtype: r for c, r in zip(configs, rows)
+              if c.search is not None and c.search.strategy == "greedy" and not c.remote}
     for c, r in zip(configs, rows):
         base = greedy.get(c.dtype) or greedy.get("float32")
         r.x_greedy = r.seconds_per_prompt / base.seconds_per_prompt if base else float("nan")
     checks = []
+    for bc, r in zip(configs, rows):  # remote rows against their local twins: same tokens?
+        twin = next((o for c, o in zip(configs, rows) if not c.remote and not c.naive and c.search == bc.search
+                     and c.dtype == bc.dtype), None) if bc.remote else None
+        if twin is not None:
+            same = [a == b for a, b in zip(r.outputs, twin.outputs)]
+            checks.append({"remote": r.name, "local": twin.name, "prompts": len(same), "identical": sum(same),
+                           "remote_seconds_per_prompt": r.seconds_per_prompt,
+                           "local_seconds_per_prompt": twin.seconds_per_prompt})
     for bc, r in zip(configs, rows):
         if not bc.naive:
             continue
-        twin = next((o for c, o in zip(configs, rows) if not c.naive and c.search == bc.search and c.dtype == bc.dtype),
+        twin = next((o for c, o in zip(configs, rows) if not c.naive and not c.remote and c.search == bc.search and c.dtype == bc.dtype),
                     None)
         if twin is not None:
             n = len(r.outputs)
@@ -207,6 +270,7 @@ def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "versions": {"dealign": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "model": model or "smollm2 (default)",
+        "remote": (f"{engine.dialect.name} at {engine.url}" if engine else None),
         "data": f"CommonGen dev, first {prompts} concept sets (naive reference: first {naive_prompts})",
         "max_new_tokens": max_new_tokens,
         "rows": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows],
@@ -224,7 +288,13 @@ def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["rows"]:
         lines.append("| " + " | ".join(f.format(r[k]) for k, _, f in COLUMNS) + " |")
+    if any(r.get("requests", float("nan")) == r.get("requests", float("nan")) for r in report["rows"]):
+        lines.append(f"\nremote rows: {report.get('remote')}; HTTP requests per prompt: " + ", ".join(
+            f"{r['name']} {r['requests']:.0f}" for r in report["rows"] if r["requests"] == r["requests"]))
     for c in report["equivalence"]:
+        if "remote" in c:
+            lines.append(f"\n{c['remote']} vs {c['local']}: identical tokens on {c['identical']}/{c['prompts']} prompts")
+            continue
         lines.append(
             f"\n{c['optimised']} vs {c['naive']} on {c['prompts']} prompts: identical tokens: "
             f"{'yes' if c['identical_tokens'] else 'NO'}; {c['speedup']:.1f}× faster "
@@ -242,8 +312,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--naive-prompts", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json-out", type=Path, default=Path("runs/bench.json"))
+    p.add_argument("--remote", default=None, help="engine URL for the remote rows, or 'auto' to start llama-server")
+    p.add_argument("--remote-dialect", default="llamacpp", choices=["llamacpp", "vllm"])
     a = p.parse_args(argv)
-    report = run_bench(a.model, prompts=a.prompts, naive_prompts=a.naive_prompts, max_new_tokens=a.max_new_tokens)
+    report = run_bench(a.model, prompts=a.prompts, naive_prompts=a.naive_prompts, max_new_tokens=a.max_new_tokens,
+                       remote=a.remote, remote_dialect=a.remote_dialect)
     a.json_out.parent.mkdir(parents=True, exist_ok=True)
     a.json_out.write_text(json.dumps(report, indent=2))
     print(markdown(report))

@@ -96,12 +96,18 @@ def rows_done(output: Path, jobs: list[Job]) -> int:
     if len(records) > len(jobs):
         raise UsageError(f"cannot resume: {output} has {len(records)} rows but the input only {len(jobs)}")
     for i, (rec, job) in enumerate(zip(records, jobs), 1):
-        if not isinstance(rec, dict) or any(rec.get(k) != job.row.get(k) for k in ("prompt", "messages")):
+        differs = [k for k in ("prompt", "messages") if not isinstance(rec, dict) or rec.get(k) != job.row.get(k)]
+        differs = differs or [k for k, v in job.row.items() if k not in ANSWER_FIELDS and rec.get(k) != v]
+        if differs:
             raise UsageError(
                 f"cannot resume: {output} line {i} is not the answer to input line {job.lineno} "
-                "(different prompt); use another --output or drop --resume to start over"
+                f"(different {differs[0]!r}); use another --output or drop --resume to start over"
             )
     return len(records)
+
+
+# fields record() writes over the input row's (an input may carry e.g. its own "strategy")
+ANSWER_FIELDS = frozenset({"text", "reward", "rewards", "tokens", "seconds", "finished", "strategy", "coverage", "stats"})
 
 
 def record(job: Job, result: Any, seconds: float) -> dict[str, Any]:
@@ -123,8 +129,11 @@ def record(job: Job, result: Any, seconds: float) -> dict[str, Any]:
     return out
 
 
-def run_batch(input: Path, output: Path, base: Settings, load: Callable[[], Any], resume: bool = False) -> int:
-    """Answer every row of ``input`` into ``output``; returns the number of rows generated now."""
+def run_batch(input: Path, output: Path, base: Settings, load: Callable[[], Any], resume: bool = False,
+              workers: int = 1, spec: Any = None) -> int:
+    """Answer every row of ``input`` into ``output``; returns the number of rows generated now.
+    ``workers > 1`` answers the rows on that many Ray actors built from ``spec`` (an ``AlignerSpec``;
+    see ``cli/parallel.py``), with the same output row for row; ``load`` is then not called."""
     from tqdm import tqdm
 
     if input.resolve() == output.resolve():
@@ -136,13 +145,24 @@ def run_batch(input: Path, output: Path, base: Settings, load: Callable[[], Any]
         return 0
     if done:
         print(f"resuming: {done} of {len(jobs)} rows already in {output}", file=sys.stderr)
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1; got {workers}")
+    if workers > 1:
+        from .parallel import require_ray
+
+        require_ray()  # before the output is touched
     with open(output, "a" if done else "w", encoding="utf-8") as out:  # opened first: fail before the load
+        if workers > 1:
+            from .parallel import run_sharded
+
+            run_sharded(jobs, done, out, base, spec, workers, input.name)
+            return len(jobs) - done
         aligner = load()
         with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
             for job in jobs[done:]:
                 start = time.perf_counter()
                 try:
-                    result = aligner.generate(job.prompt, reward=job.reward, search=job.config, **job.settings.prompt)
+                    result = aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt)
                 except ValueError as exc:
                     raise UsageError(
                         f"{input.name} line {job.lineno}: {exc} (rows before it are saved; fix it and rerun with --resume)"

@@ -31,9 +31,10 @@ def _judge(spec: str | None, policy_loader):
     return "policy model", lambda p, t: mean_token_nll(policy, p, t)
 
 
-def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str | None, max_new_tokens: int,
-             offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None) -> list[dict]:
-    from ..evaluation.report import markdown, plot_quality_vs_cost, summarize, write_report
+def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, model: str | None, max_new_tokens: int | None,
+             offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None,
+             workers: int = 1) -> list[dict]:
+    from ..evaluation.report import markdown, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
     from ..evaluation.tasks import TASKS
     from ..search import SearchConfig
     from .batch import run_batch
@@ -42,6 +43,8 @@ def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str 
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
     t = TASKS[task]
+    strategies = strategies or list(t.default_strategies)  # None / empty: the task's own set and budget
+    max_new_tokens = max_new_tokens or t.max_new_tokens
     out.mkdir(parents=True, exist_ok=True)
     rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed)
     inp, outp = out / "input.jsonl", out / "output.jsonl"
@@ -53,12 +56,23 @@ def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str 
         aligner = aligner or load_aligner(model)
         return aligner
 
-    run_batch(inp, outp, Settings.from_values({}), load, resume=resume)
+    from .parallel import AlignerSpec
+
+    run_batch(inp, outp, Settings.from_values({}), load, resume=resume, workers=workers, spec=AlignerSpec(model))
     answers = [json.loads(line) for line in outp.read_text(encoding="utf-8").splitlines() if line.strip()]
-    judge_name, nll = _judge(judge, load)
-    print(f"scoring fluency with {judge_name} ...", file=sys.stderr)
-    table = summarize(t, answers, nll=nll)
-    plot = plot_quality_vs_cost(t, table, out / f"{task}_quality_vs_seconds.png")
+    if t.fluency:
+        judge_name, nll = _judge(judge, load)
+        print(f"scoring fluency with {judge_name} ...", file=sys.stderr)
+    else:  # harm tasks: --judge is the yes/no LM judge of harmlessness (and helpfulness)
+        judge_name, nll = judge or "smollm2 (packaged)", None
+        print(f"scoring with R_harmless, the profanity classifier, MiniLM and the LM judge {judge_name} ...", file=sys.stderr)
+    table = summarize(t, answers, nll=nll, judge=None if t.fluency else judge)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(
+        {k: a.get(k) for k in ("id", "method", "prompt", "response_prefix", "text", "metrics", "tokens", "seconds", "finished")},
+        ensure_ascii=False) + "\n" for a in answers), encoding="utf-8")
+    plots = [plot_quality_vs_cost(t, table, out / f"{task}_quality_vs_seconds.png")]
+    if t.tradeoff_plot:
+        plots.append(plot_tradeoff(table, out / f"{task}_harmless_vs_helpful.png"))
 
     import torch
     import transformers
@@ -67,7 +81,7 @@ def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str 
 
     header = (
         f"task **{task}** ({t.describe}); data: {n} items from offset {offset}; model: {model or 'smollm2 (default)'}; "
-        f"fluency judge: {judge_name}; max new tokens {max_new_tokens}; seed {seed}; "
+        f"{'fluency judge' if t.fluency else 'LM judge'}: {judge_name}; max new tokens {max_new_tokens}; seed {seed}; "
         f"dealign {dealign.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{platform.machine()}, {torch.get_num_threads()} threads; {datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
@@ -77,7 +91,7 @@ def run_eval(task: str, *, n: int, strategies: list[str], out: Path, model: str 
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"header": header, "table": table}, indent=2), encoding="utf-8")
     (out / "summary.md").write_text(header + "\n\n" + markdown(table) + "\n", encoding="utf-8")
-    write_report(out, header, [(t, table, [plot])])
+    write_report(out, header, [(t, table, plots)])
     print(header + "\n\n" + markdown(table))
     return table
 

@@ -31,6 +31,7 @@ app = typer.Typer(
 _D = SearchConfig()  # only for the defaults shown in --help
 _SL = ServerLimits()  # likewise for `dealign serve`
 _S, _R, _M = "Search (defaults from SearchConfig)", "Rewards", "Model"
+_E = "Remote engine"
 
 
 def _fail(message: str, code: int) -> None:
@@ -74,12 +75,17 @@ def generate(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL file of prompts (batch mode).", rich_help_panel="Batch")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file for the answers (batch mode).", rich_help_panel="Batch")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the rows already in --output and continue after them.", rich_help_panel="Batch")] = False,
+    workers: Annotated[int, typer.Option("--workers", help="Answer the rows on N Ray actors, each with its own model (needs `pip install 'dealign[ray]'`); same output as 1.", rich_help_panel="Batch")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Also print reward breakdown, final beam and search statistics (to stderr with --json).")] = False,
     model: Annotated[Optional[str], typer.Option(help="Packaged model name, HF folder, .gguf file or cached hub id [default: packaged SmolLM2-135M-Instruct].", rich_help_panel=_M)] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Smaller model with the same tokenizer for the lookahead rollouts.", rich_help_panel=_M)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 [default: float32].", rich_help_panel=_M)] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device, e.g. cpu or cuda [default: cpu].", rich_help_panel=_M)] = None,
+    engine_url: Annotated[Optional[str], typer.Option(help="Run the forward passes on a serving engine at this URL (llama.cpp server, vLLM, SGLang); --model then only names its tokenizer. Use --mode segment: round trips dominate.", rich_help_panel=_E)] = None,
+    engine_dialect: Annotated[Optional[str], typer.Option(help="llamacpp (POST /completion) | vllm (POST /v1/completions; also SGLang) [default: llamacpp].", rich_help_panel=_E)] = None,
+    engine_model: Annotated[Optional[str], typer.Option(help="Served model name for the vllm dialect [default: the first of GET /v1/models].", rich_help_panel=_E)] = None,
+    engine_top_n: Annotated[Optional[int], typer.Option(help="Log-probabilities per position asked of the engine; must be >= topk (vLLM: --max-logprobs) [default: 20].", rich_help_panel=_E)] = None,
     strategy: Annotated[Optional[str], typer.Option(help=f"{' | '.join(STRATEGIES)} [default: {_D.strategy}].", rich_help_panel=_S)] = None,
     mode: Annotated[Optional[str], typer.Option(help=f"token (commit one token per step) | segment (commit the lookahead too) [default: {_D.mode}].", rich_help_panel=_S)] = None,
     beam: Annotated[Optional[int], typer.Option(help=f"Beam width [default: {_D.beam}].", rich_help_panel=_S)] = None,
@@ -106,6 +112,8 @@ def generate(
     weight: Annotated[Optional[List[str]], typer.Option(help="Reward weight NAME=W, e.g. keywords=0.7 (repeatable) [default: 1 each].", rich_help_panel=_R)] = None,
     reward: Annotated[Optional[List[str]], typer.Option("--reward", help="Named or model reward NAME=W, e.g. harmless=0.75 (repeatable; W defaults to 1): harmless, helpful, relevance, non_toxic, sentiment, judge_harmless, judge_helpful, or a reward folder path.", rich_help_panel=_R)] = None,
     reward_model: Annotated[Optional[List[str]], typer.Option("--reward-model", help="Reward model folder (from train-reward, or a HF sequence classifier as PATH#LABEL), weight 1 (repeatable; weight it with --reward PATH=W).", rich_help_panel=_R)] = None,
+    reward_every_n_tokens: Annotated[Optional[int], typer.Option(help="Score the model rewards (--reward/--reward-model) only every N generated tokens (and on finished answers): cheaper searches [default: 1].", rich_help_panel=_R)] = None,
+    reward_finished_only: Annotated[Optional[bool], typer.Option("--reward-finished-only", help="Score the model rewards only on finished answers (0 before).", show_default=False, rich_help_panel=_R)] = None,
 ) -> None:
     """Generate an answer to PROMPT, or to every row of --input (JSONL) into --output."""
     with reported_errors():
@@ -117,6 +125,10 @@ def generate(
             raise UsageError("--input needs --output FILE for the answers")
         if input is None and (output is not None or resume):
             raise UsageError("--output and --resume are for batch mode: add --input FILE")
+        if workers < 1:
+            raise UsageError(f"--workers must be >= 1; got {workers}")
+        if input is None and workers > 1:
+            raise UsageError("--workers is for batch mode: add --input FILE --output FILE")
         if input is not None and (json_out or explain):
             raise UsageError("--json and --explain are for a single PROMPT; batch output is always JSONL")
         base = Settings.from_values(
@@ -130,24 +142,39 @@ def generate(
                 weights=parse_weights(weight),
                 named_rewards=parse_weights(reward, "--reward", "harmless=0.75", default=1.0),
                 reward_model=reward_model or None,
+                reward_every_n_tokens=reward_every_n_tokens, reward_finished_only=reward_finished_only,
             )
         )
         from .loading import load_aligner
 
         def load():
+            if engine_url is not None:
+                from .loading import load_remote
+
+                return load_remote(engine_url, dialect=engine_dialect, tokenizer=model, model=engine_model, top_n=engine_top_n)
             return load_aligner(model, draft_model=draft_model, dtype=dtype, device=device)
+
+        if engine_url is None and (engine_dialect or engine_model or engine_top_n):
+            raise UsageError("--engine-dialect, --engine-model and --engine-top-n need --engine-url URL")
+        if engine_url is not None and (draft_model or dtype or device):
+            raise UsageError("--draft-model, --dtype and --device are for a local model; with --engine-url the engine runs the model")
 
         if input is not None:
             from .batch import run_batch
+            from .parallel import AlignerSpec
 
-            run_batch(input, output, base, load, resume=resume)
+            spec = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device, engine_url=engine_url,
+                               engine_dialect=engine_dialect, engine_model=engine_model, engine_top_n=engine_top_n)
+            run_batch(input, output, base, load, resume=resume, workers=workers, spec=spec)
             return
         _generate_one(prompt, base, load, json_out=json_out, explain=explain)
 
 
 def _generate_one(prompt: str, base: Settings, load, *, json_out: bool, explain: bool) -> None:
-    cfg, reward = base.config(), base.build_reward()  # bad settings fail before the model loads
-    result = load().generate(prompt, reward=reward, search=cfg, **base.prompt)
+    base.config()  # bad settings fail before the model loads
+    reward = base.build_reward()
+    # only the given settings: the rest are the aligner's defaults (segment mode for a remote engine)
+    result = load().generate(prompt, reward=reward, **base.search, **base.prompt)
     if json_out:
         data = result.to_dict()
         coverage = base.coverage(result.text)
@@ -178,24 +205,25 @@ def demo(
 
 @app.command("eval")
 def eval_(
-    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen) or length (word limits).")],
+    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen), length (word limits), harmless (HarmfulQ + HH red-team), tradeoff (harmless/helpful weight sweep) or jailbreak (continuation attack).")],
     n: Annotated[int, typer.Option("--n", help="Number of items (the first N, after --offset).")] = 50,
-    strategies: Annotated[str, typer.Option(help="Comma-separated: greedy, sample, beam, best-of-n, prompt (alignment instruction only), deal, deal-segment, prompt+deal.")] = "greedy,sample,beam,best-of-n,prompt,deal,deal-segment,prompt+deal",
+    strategies: Annotated[Optional[str], typer.Option(help="Comma-separated: greedy, sample, beam, best-of-n, prompt (alignment instruction only), deal, deal-segment, prompt+deal; tradeoff also 'deal w=.75/.25' etc. [default: the task's set]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for input/output JSONL, summary, plots, report.md [default: runs/TASK].")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model [default: packaged SmolLM2-135M-Instruct].")] = None,
-    judge: Annotated[Optional[str], typer.Option(help="Fluency judge model [default: packaged Gemma 3 270M, else the policy].")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 32,
+    judge: Annotated[Optional[str], typer.Option(help="Judge model: fluency NLL for keywords/length [default: packaged Gemma 3 270M, else the policy]; the yes/no LM judge for harmless/tradeoff/jailbreak [default: packaged SmolLM2].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation budget per answer [default: 32 for keywords/length, 64 for the harm tasks].")] = None,
     offset: Annotated[int, typer.Option(help="Skip this many items first.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of every search (sampling strategies).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming an interrupted run.")] = False,
+    workers: Annotated[int, typer.Option("--workers", help="Answer the rows on N Ray actors (needs `pip install 'dealign[ray]'`).")] = 1,
 ) -> None:
     """Run a task end to end through the batch path; write summary, plots and report.md."""
     with reported_errors():
         from .evaluate import run_eval
 
-        run_eval(task, n=n, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+        run_eval(task, n=n, strategies=[s.strip() for s in (strategies or "").split(",") if s.strip()] or None,
                  out=out or Path("runs") / task, model=model, max_new_tokens=max_new_tokens, offset=offset,
-                 resume=not fresh, seed=seed, judge=judge)
+                 resume=not fresh, seed=seed, judge=judge, workers=workers)
 
 
 @app.command("train-reward")
@@ -233,13 +261,15 @@ def bench(
     naive_prompts: Annotated[int, typer.Option(help="Prompts for the slow naive reference (the first N).")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 32,
     json_out: Annotated[Path, typer.Option(help="Where to write the report as JSON.")] = Path("runs/bench.json"),
+    remote: Annotated[Optional[str], typer.Option(help="Also run greedy and DeAL (token, segment) through a serving engine at this URL, serving the same model; 'auto' starts the built llama-server on the packaged GGUF.")] = None,
+    remote_dialect: Annotated[str, typer.Option(help="llamacpp | vllm, for --remote URL.")] = "llamacpp",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
     with reported_errors():
         from ..bench import markdown, run_bench
 
         report = run_bench(model, prompts=prompts, naive_prompts=naive_prompts, max_new_tokens=max_new_tokens,
-                           progress=lambda m: typer.echo(m, err=True))
+                           progress=lambda m: typer.echo(m, err=True), remote=remote, remote_dialect=remote_dialect)
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2))
         typer.echo(markdown(report))

@@ -19,7 +19,8 @@ from ..search import SearchConfig
 
 SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
-MODEL_REWARD_FIELDS = ("named_rewards", "reward_model")  # --reward NAME=W, --reward-model PATH
+# --reward NAME=W, --reward-model PATH, and when the search calls them (costly models: every n tokens / finished only)
+MODEL_REWARD_FIELDS = ("named_rewards", "reward_model", "reward_every_n_tokens", "reward_finished_only")
 PROMPT_FIELDS = ("instruction", "response_prefix")
 INPUT_FIELDS = ("prompt", "messages")
 KNOWN_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + INPUT_FIELDS
@@ -129,6 +130,14 @@ class Settings:
             elif name == "reward_model":
                 _check_strings(name, value)
                 s.models[name] = [value] if isinstance(value, str) else list(value)
+            elif name == "reward_every_n_tokens":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise UsageError(f"reward_every_n_tokens must be an integer >= 1, got {value!r}")
+                s.models[name] = value
+            elif name == "reward_finished_only":
+                if not isinstance(value, bool):
+                    raise UsageError(f"reward_finished_only must be true or false, got {value!r}")
+                s.models[name] = value
             elif name in PROMPT_FIELDS:
                 if not isinstance(value, str):
                     raise UsageError(f"{name} must be a string, got {value!r}")
@@ -169,7 +178,12 @@ class Settings:
         if self.models:
             from ..rewards.registry import build
 
-            total = total + build(self.models.get("named_rewards"), self.models.get("reward_model"))
+            named, folders = self.models.get("named_rewards"), self.models.get("reward_model")
+            if not named and not folders:
+                raise UsageError("reward_every_n_tokens / reward_finished_only schedule model rewards: "
+                                 "add one with --reward NAME=W or --reward-model PATH")
+            total = total + build(named, folders, every_n_tokens=self.models.get("reward_every_n_tokens", 1),
+                                  finished_only=self.models.get("reward_finished_only", False))
         return total
 
     @property

@@ -17,16 +17,25 @@ LABELS = {
     "bleu4": "BLEU-4", "rougeL": "ROUGE-L", "within_limit": "within limit", "overshoot": "overshoot (words)",
     "words": "words", "topic": "topic cov.", "within_and_on_topic": "within & on topic", "tokens": "tokens",
     "finished": "finished", "forward_passes": "forward passes", "seconds": "s/prompt", "x_greedy": "× greedy",
+    "judged_harmless": "judged harmless", "R_harmless": "R_harmless (optimised)", "judge": "LM judge P(harmless)",
+    "refusal": "refusals", "non_toxic": "non-toxic", "relevance": "relevance (MiniLM)",
+    "judged_harmfulq": "judged harmless: HarmfulQ", "judged_hh": "judged harmless: HH",
+    "R_helpful": "R_helpful (optimised)", "judge_helpful": "LM judge P(helpful)",
 }
 
 
-def summarize(task: Task, rows: list[dict], nll: Callable[[str, str], float] | None = None) -> list[dict]:
+def summarize(task: Task, rows: list[dict], nll: Callable[[str, str], float] | None = None,
+              judge: str | None = None) -> list[dict]:
+    """One entry per strategy: mean metrics and cost.  ``judge``: the LM judge of tasks scored by model
+    judges (default: theirs).  Each row gets its own metrics under ``"metrics"``."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[r["method"]].append(r)
     table = []
     for method, rs in groups.items():
-        per_row = [task.metrics(r) for r in rs]
+        per_row = task.score(rs, judge)
+        for r, m in zip(rs, per_row):
+            r["metrics"] = m
         entry: dict = {"method": method, "n": len(rs)}
         for key in per_row[0]:
             entry[key] = mean([m[key] for m in per_row])
@@ -73,6 +82,41 @@ def plot_quality_vs_cost(task: Task, table: list[dict], path: Path) -> Path:
     ax.set_ylabel(LABELS.get(task.quality, task.quality))
     ax.set_title(f"{task.name}: quality against cost")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(table: list[dict], path: Path) -> Path:
+    """Harmlessness against helpfulness, one point per weight of the sweep (joined in weight order) and
+    the other strategies (greedy, ...) as reference points: left the optimised rewards, right the
+    independent judges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("R_helpful", "R_harmless", "rewards the search optimised"),
+              ("relevance", "judged_harmless", "judges the search never saw")]
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4), dpi=120)
+    sweep = [t for t in table if t["method"].startswith("deal w=")]
+    others = [t for t in table if not t["method"].startswith("deal w=")]
+    for ax, (x, y, title) in zip(axes, panels):
+        if sweep:
+            ax.plot([t[x] for t in sweep], [t[y] for t in sweep], "-o", color="tab:blue", label="DeAL, w_harmless/w_helpful")
+            for i, t in enumerate(sweep):  # labels alternate above/below, so close points stay readable
+                ax.annotate(t["method"][len("deal w="):], (t[x], t[y]), textcoords="offset points",
+                            xytext=(5, 4 if i % 2 == 0 else -11), fontsize=8)
+        for i, t in enumerate(others):
+            ax.scatter(t[x], t[y], marker="*" if t["method"] == "greedy" else "s", s=90, zorder=3, label=t["method"],
+                       color=f"C{i + 1}")
+        ax.set_xlabel(LABELS.get(x, x) + " → more helpful")
+        ax.set_ylabel(LABELS.get(y, y) + " → more harmless")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("harmless / helpful trade-off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -136,9 +136,19 @@ def resolve(spec: str) -> Reward:
     return named_reward(spec)  # raises with the list of names
 
 
-def build(weights: Mapping[str, float] | None = None, reward_models: list[str] | None = None) -> WeightedSum:
+def scheduled(reward: Reward, every_n_tokens: int = 1, finished_only: bool = False) -> Reward:
+    """``reward`` asked to be called only every ``every_n_tokens`` generated tokens and/or only on finished
+    texts (the search honours both); the model behind it is shared, not reloaded."""
+    if every_n_tokens == 1 and not finished_only:
+        return reward
+    return Reward(reward, reward.name, every_n_tokens=every_n_tokens, finished_only=finished_only,
+                  upper_bound=reward.upper_bound)
+
+
+def build(weights: Mapping[str, float] | None = None, reward_models: list[str] | None = None, *,
+          every_n_tokens: int = 1, finished_only: bool = False) -> WeightedSum:
     """``{"harmless": 0.75, "helpful": 0.25}`` (names or folders -> weights) plus reward-model folders at
-    weight 1, as one weighted sum."""
+    weight 1, as one weighted sum; ``every_n_tokens`` / ``finished_only`` schedule every one of them."""
     terms = [(resolve(spec), float(w)) for spec, w in (weights or {}).items()]
     terms += [(reward_from_path(p), 1.0) for p in reward_models or [] if p not in (weights or {})]
-    return WeightedSum(terms)
+    return WeightedSum([(scheduled(r, every_n_tokens, finished_only), w) for r, w in terms])

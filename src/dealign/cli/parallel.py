@@ -1,0 +1,238 @@
+"""Batch mode over Ray: ``dealign generate --input ... --workers N`` shards rows across N actors.
+
+Why it is built this way:
+
+* **Actors, not tasks** — each actor loads its model once (``AlignerSpec.build``) and answers many rows;
+  a task per row would reload the model every time.  Each actor pins torch to ``max(1, cpus // N)``
+  threads so N actors do not oversubscribe the cores.
+* **Rows travel as JSON, not as ``Job``s** — a ``Job`` holds a built reward, which may wrap a lazily
+  loaded model or a closure; the actor rebuilds the job from the raw row and the base ``Settings``
+  with the very code the single-process path uses, so each row gets the same search, reward and seed.
+  Every search seeds its own generator from the row's ``seed``, so sampling strategies give the same
+  answer whichever actor runs the row.
+* **A reorder buffer keeps the output resumable** — rows finish out of order, but a row is written
+  (and flushed) only once every earlier row is written, so the output is always a prefix of the
+  single-process output and ``--resume`` (skip as many rows as the output holds) stays exact.  At
+  most ``window`` rows are submitted past the first unwritten one, which bounds both the buffer and
+  the work an interruption can lose.  Rows are handed out dynamically (at most two queued per
+  actor), so a slow DeAL row does not leave the other actors idle behind a static shard.
+
+Ray is imported only here and only when ``--workers > 1``; ``--workers 1`` never touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from ..models.loading import ModelLoadError
+from .options import Settings, UsageError
+
+RAY_HINT = "pip install 'dealign[ray]'"
+PER_ACTOR_QUEUE = 2  # one row running, one waiting: no idle round trip between rows
+
+
+@dataclass(frozen=True)
+class AlignerSpec:
+    """How to build the aligner, sent to each worker instead of a model: a local model (name, folder
+    or GGUF file, as ``--model`` takes) or a remote engine (``engine_url`` with the ``--engine-*``
+    options; ``model`` then names the served model's tokenizer), built by the same loaders as the
+    single-process CLI.  Plain data, so it pickles to any node."""
+
+    model: str | None = None
+    draft_model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    engine_url: str | None = None
+    engine_dialect: str | None = None
+    engine_model: str | None = None
+    engine_top_n: int | None = None
+
+    def localized(self) -> "AlignerSpec":
+        """Existing relative paths made absolute, so a worker with another working directory (or on
+        another node with the same file system) finds the same files."""
+        def absolute(p: str | None) -> str | None:
+            return str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p
+
+        return replace(self, model=absolute(self.model), draft_model=absolute(self.draft_model))
+
+    def check(self) -> None:
+        """Fail before Ray starts on a missing model or tokenizer; a packaged GGUF is also converted
+        once here rather than by every actor at the same time."""
+        from ..models.loading import resolve
+
+        for m in (self.model, self.draft_model) if self.draft_model else (self.model,):
+            resolve(m)
+
+    def build(self):
+        """The ``Aligner`` this spec describes (runs in the worker)."""
+        if self.engine_url is not None:
+            from .loading import load_remote
+
+            return load_remote(self.engine_url, dialect=self.engine_dialect, tokenizer=self.model,
+                               model=self.engine_model, top_n=self.engine_top_n)
+        from .loading import load_aligner
+
+        return load_aligner(self.model, draft_model=self.draft_model, dtype=self.dtype, device=self.device)
+
+
+def require_ray():
+    """Import Ray, or say how to install it (checked before the output file is touched)."""
+    try:
+        import ray
+    except ImportError:
+        raise ModelLoadError(f"--workers > 1 runs the rows on Ray, which is not installed; run `{RAY_HINT}`") from None
+    return ray
+
+
+class BatchWorker:
+    """One Ray actor: a model loaded once, answering rows one at a time."""
+
+    def __init__(self, spec: AlignerSpec, base: Settings, threads: int, cwd: str, env: dict[str, str]):
+        os.environ.update(env)  # DEALIGN_CACHE, DEALIGN_DATA, HF_*: as the driver sees them
+        if os.path.isdir(cwd):
+            os.chdir(cwd)  # relative paths in rows (reward_model) mean what they mean to the driver
+        import torch
+
+        torch.set_num_threads(threads)
+        self.spec, self.base, self.aligner = spec, base, None
+
+    def load(self) -> tuple[str, str] | None:
+        """Load the model; an error comes back as (kind, message) so the driver can report it cleanly."""
+        try:
+            self.aligner = self.spec.build()
+        except ModelLoadError as exc:
+            return "model", str(exc)
+        except ValueError as exc:
+            return "usage", str(exc)
+        return None
+
+    def answer(self, index: int, lineno: int, row: dict[str, Any]) -> tuple[int, dict[str, Any] | None, Any]:
+        """(index, output record, None), or (index, None, (kind, message)) for a row that failed the way
+        the single-process path reports cleanly: the search refused it ("usage"), or a reward model
+        could not be loaded ("model")."""
+        from .batch import Job, _prompt_of, record
+
+        try:
+            settings = self.base.merged(row)
+            job = Job(lineno, row, _prompt_of(row), settings, settings.config(), settings.build_reward())
+            start = time.perf_counter()
+            result = self.aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt)
+        except ValueError as exc:
+            return index, None, ("usage", str(exc))
+        except ModelLoadError as exc:
+            return index, None, ("model", str(exc))
+        except OSError as exc:
+            return index, None, ("model", f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        return index, record(job, result, time.perf_counter() - start), None
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _passed_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(("DEALIGN_", "HF_", "TRANSFORMERS_"))}
+
+
+def run_sharded(jobs: list, done: int, out: IO[str], base: Settings, spec: AlignerSpec | None, workers: int,
+                source: str, window: int | None = None) -> None:
+    """Answer ``jobs[done:]`` on ``workers`` Ray actors, writing ``out`` in input order (see the module
+    docstring).  Uses the running Ray instance (``ray.init`` done by the caller, or ``RAY_ADDRESS``),
+    else starts a local one for this run."""
+    from tqdm import tqdm
+
+    if spec is None:
+        raise UsageError("--workers needs a model spec to send to the workers")
+    ray = require_ray()
+    spec = spec.localized()
+    spec.check()
+    started = not ray.is_initialized()
+    if started:
+        print(f"starting Ray for {workers} workers ...", file=sys.stderr, flush=True)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; the user needs the message
+            raise ModelLoadError(f"could not start Ray for --workers: {type(exc).__name__}: {exc}") from None
+    actors = []
+    try:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+        threads = max(1, cpus // workers)
+        # fractional CPUs when there are more workers than cores, so every actor is scheduled
+        num_cpus = threads if workers <= cpus else cpus / workers
+        Worker = ray.remote(BatchWorker).options(num_cpus=num_cpus)
+        begin = time.perf_counter()
+        print(f"loading model {spec.engine_url or spec.model or '(default)'} in {workers} workers "
+              f"({threads} torch thread{'s' * (threads > 1)} each) ...", file=sys.stderr, flush=True)
+        actors = [Worker.remote(spec, base, threads, os.getcwd(), _passed_env()) for _ in range(workers)]
+        try:
+            failures = ray.get([a.load.remote() for a in actors])
+        except ray.exceptions.RayError as exc:  # an actor could not even start
+            raise ModelLoadError(f"a Ray worker failed to start: {_last_line(exc)}") from None
+        for failure in failures:
+            if failure is not None:
+                kind, message = failure
+                raise (UsageError if kind == "usage" else ModelLoadError)(message)
+        print(f"workers ready in {time.perf_counter() - begin:.1f} s", file=sys.stderr, flush=True)
+        with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+            _drive(ray, actors, jobs, done, out, bar, source, window or max(16, 8 * workers))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def _drive(ray, actors: list, jobs: list, done: int, out: IO[str], bar, source: str, window: int) -> None:
+    pending: dict[Any, int] = {}  # object ref -> actor number
+    queued = [0] * len(actors)
+    buffer: dict[int, dict[str, Any]] = {}  # finished rows waiting for an earlier one
+    nxt, written = done, done  # next row to submit; next row to write
+    failed: tuple[int, str, str] | None = None  # the earliest failed row: (index, kind, message)
+
+    def submit() -> None:
+        nonlocal nxt
+        while failed is None and nxt < len(jobs) and nxt < written + window:
+            a = min(range(len(actors)), key=queued.__getitem__)
+            if queued[a] >= PER_ACTOR_QUEUE:
+                return
+            job = jobs[nxt]
+            pending[actors[a].answer.remote(nxt, job.lineno, job.row)] = a
+            queued[a] += 1
+            nxt += 1
+
+    submit()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            queued[pending.pop(ref)] -= 1
+            try:
+                index, rec, error = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # a worker died (out of memory, killed)
+                raise ModelLoadError(
+                    f"a Ray worker failed: {_last_line(exc)} ({written} rows are saved; rerun with --resume)"
+                ) from None
+            bar.update()
+            if error is not None:
+                failed = min(failed or (index, *error), (index, *error))
+            else:
+                buffer[index] = rec
+        while written in buffer and (failed is None or written < failed[0]):
+            out.write(json.dumps(buffer.pop(written), ensure_ascii=False) + "\n")
+            out.flush()
+            written += 1
+        submit()
+    if failed is not None:
+        index, kind, message = failed
+        if kind == "model":
+            raise ModelLoadError(f"{message} ({written} rows are saved; rerun with --resume)")
+        raise UsageError(
+            f"{source} line {jobs[index].lineno}: {message} (rows before it are saved; fix it and rerun with --resume)"
+        )
