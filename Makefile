@@ -37,18 +37,18 @@ demo: setup
 test: setup llama-server
 	$(BIN)/python -m pytest -q
 
-## Everything, including the long evaluations behind the `slow` marker.
+## Every test, including any behind the `slow` marker (the long evaluations themselves are `make eval`).
 test-all: setup
 	$(BIN)/python -m pytest -q -m ''
 
 ## The evaluation tasks on the default model, full size, each task with its own strategies (see `dealign eval --help`;
-## about two hours on 2 cores; not part of `make test`).
+## about 1.5 hours on 2 cores; not part of `make test`; the README's Results are one run of it).
 eval: setup
-	$(BIN)/dealign eval keywords --n 50
-	$(BIN)/dealign eval length --n 30
-	$(BIN)/dealign eval harmless --n 30
-	$(BIN)/dealign eval tradeoff --n 30
-	$(BIN)/dealign eval jailbreak --n 30
+	$(BIN)/dealign eval keywords --n 50 --out runs/final/keywords
+	$(BIN)/dealign eval length --n 30 --out runs/final/length
+	$(BIN)/dealign eval harmless --n 30 --strategies greedy,prompt,best-of-n,deal-segment,prompt+deal --out runs/final/harmless
+	$(BIN)/dealign eval tradeoff --n 30 --out runs/final/tradeoff
+	$(BIN)/dealign eval jailbreak --n 30 --out runs/final/jailbreak
 
 llama-server: $(STAMP)
 	PIP="$(BIN)/python -m pip" LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON) scripts/build-llama-server.sh || test $$? -eq 2
