@@ -75,9 +75,10 @@ def plot_quality_vs_cost(task: Task, table: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for t in table:
-        ax.scatter(t["seconds"], t[task.quality], s=40)
-        ax.annotate(t["method"], (t["seconds"], t[task.quality]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    markers = "osD^vP*Xhp"
+    for i, t in enumerate(table):  # a legend, not labels at the points: strategies often land close together
+        ax.scatter(t["seconds"], t[task.quality], s=45, marker=markers[i % len(markers)], label=t["method"])
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
     ax.set_xlabel("seconds per prompt")
     ax.set_ylabel(LABELS.get(task.quality, task.quality))
     ax.set_title(f"{task.name}: quality against cost")
