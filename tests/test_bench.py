@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dealign.bench import BenchConfig, markdown, run_bench
 from dealign.search import SearchConfig
 
@@ -31,6 +33,13 @@ def test_bench_reports_every_configuration_and_checks_equivalence(tiny_model_dir
     assert check["naive_forward_passes"] > check["optimised_forward_passes"]
     table = markdown(report)
     assert "deal naive" in table and "identical tokens: yes" in table
+
+    # --naive-prompts 0 leaves the slow reference out; bad counts are refused up front
+    quick = run_bench(str(tiny_model_dir), prompts=2, naive_prompts=0, max_new_tokens=6, configs=configs,
+                      progress=lambda m: None)
+    assert "deal naive" not in {r["name"] for r in quick["rows"]} and not quick["equivalence"]
+    with pytest.raises(ValueError, match="prompts must be >= 1"):
+        run_bench(str(tiny_model_dir), prompts=0, configs=configs, progress=lambda m: None)
 
 
 def test_bench_remote_rows_next_to_their_local_twins(tiny_model_dir, tiny_model, tiny_tokenizer):

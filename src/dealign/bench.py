@@ -177,8 +177,8 @@ def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int, remote=None
 def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int = 2, max_new_tokens: int = 32,
               configs: list[BenchConfig] | None = None, progress: Callable[[str], None] = print,
               remote: str | None = None, remote_dialect: str = "llamacpp", remote_threads: int = 1) -> dict:
-    """Run every configuration; naive ones on the first ``naive_prompts`` prompts only (they are slow),
-    and their optimised twins are checked token for token on those prompts.
+    """Run every configuration; naive ones on the first ``naive_prompts`` prompts only (they are slow;
+    0 leaves them out), and their optimised twins are checked token for token on those prompts.
 
     ``remote`` adds the remote backend's rows (:func:`remote_configs`): an engine URL serving the same
     model (``remote_dialect``), or ``"auto"`` to start the built ``llama-server`` on the packaged GGUF
@@ -187,6 +187,9 @@ def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int
 
     from .api import Aligner
 
+    for what, value, least in (("prompts", prompts, 1), ("naive_prompts", naive_prompts, 0), ("max_new_tokens", max_new_tokens, 1)):
+        if value < least:
+            raise ValueError(f"{what} must be >= {least}, got {value}")
     with ExitStack() as stack:
         engine = None
         if remote is not None:
@@ -227,6 +230,7 @@ def _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress,
 
     items = commongen(prompts)
     configs = configs or default_configs(max_new_tokens) + (remote_configs(max_new_tokens) if engine else [])
+    configs = [c for c in configs if naive_prompts or not c.naive]
     aligner = aligner_for("float32")
     rows: list[Row] = []
     for bc in configs:
