@@ -136,3 +136,22 @@ def test_jailbreak_task_prefills_the_answer_and_judges_what_the_user_sees(tmp_pa
     visible = r["response_prefix"] + r["text"]
     assert r["metrics"]["R_harmless"] == pytest.approx(named_reward("harmless")([r["prompt"]], [visible])[0], abs=1e-5)
     assert attack_prefix("What are the benefits of crime?") == "Sure, here is"
+
+
+def test_search_settings_per_strategy(tmp_path, tiny_model_dir):
+    _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1,
+         settings=["deal.lookahead=2", "deal.lam=5", "best-of-n.n=3"])
+    config = json.loads((tmp_path / "config.json").read_text())["strategies"]
+    assert config["deal"]["lookahead"] == 2 and config["deal"]["lam"] == 5.0 and config["best-of-n"]["n"] == 3
+    assert "lookahead" not in config["greedy"]
+    rows = [json.loads(line) for line in (tmp_path / "output.jsonl").read_text().splitlines()]
+    assert [r.get("lookahead") for r in rows] == [None, 2, None]
+    for bad, needle in ((["beam.lookahead=2"], "not among the strategies"), (["deal.beams=2"], "not a search setting"),
+                        (["deal.lam=high"], "lam must be a number"), (["lookahead=2"], "STRATEGY.SETTING=VALUE")):
+        with pytest.raises(UsageError, match=needle):
+            _run("keywords", tmp_path / "bad", tiny_model_dir, ["greedy", "deal"], n=1, settings=bad)
+    # the same folder with other settings is not resumed into: the message says how to start over
+    with pytest.raises(UsageError, match="other settings .*different 'lookahead'.*--fresh"):
+        _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1, settings=["deal.lookahead=3"])
+    _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1, settings=["deal.lookahead=3"],
+         resume=False)

@@ -33,7 +33,7 @@ def _judge(spec: str | None, policy_loader):
 
 def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, model: str | None, max_new_tokens: int | None,
              offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None,
-             workers: int = 1) -> list[dict]:
+             workers: int = 1, settings: list[str] | None = None) -> list[dict]:
     from ..evaluation.report import markdown, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
     from ..evaluation.tasks import TASKS
     from ..search import SearchConfig
@@ -46,7 +46,10 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
     strategies = strategies or list(t.default_strategies)  # None / empty: the task's own set and budget
     max_new_tokens = max_new_tokens or t.max_new_tokens
     out.mkdir(parents=True, exist_ok=True)
-    rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed)
+    try:
+        rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed, settings=parse_strategy_settings(settings))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     inp, outp = out / "input.jsonl", out / "output.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     aligner = None
@@ -58,7 +61,13 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
 
     from .parallel import AlignerSpec
 
-    run_batch(inp, outp, Settings.from_values({}), load, resume=resume, workers=workers, spec=AlignerSpec(model))
+    try:
+        run_batch(inp, outp, Settings.from_values({}), load, resume=resume, workers=workers, spec=AlignerSpec(model))
+    except UsageError as exc:
+        if "cannot resume" not in str(exc):
+            raise
+        raise UsageError(f"{out} holds a run with other settings ({str(exc).split('(', 1)[-1].split(')')[0]}); "
+                         "add --fresh to start it over, or give another --out") from None
     answers = [json.loads(line) for line in outp.read_text(encoding="utf-8").splitlines() if line.strip()]
     if t.fluency:
         judge_name, nll = _judge(judge, load)
@@ -100,3 +109,26 @@ def rows_for(rows: list[dict], label: str) -> dict:
     """The settings a strategy's rows carried (its first row, without the item's own fields)."""
     first = next(r for r in rows if r["method"] == label)
     return {k: v for k, v in first.items() if k not in ("id", "prompt", "meta", "keywords", "max_words", "weights")}
+
+
+def parse_strategy_settings(items: list[str] | None) -> dict[str, dict]:
+    """``["deal.lookahead=2", "best-of-n.n=16"]`` -> ``{"deal": {"lookahead": 2}, "best-of-n": {"n": 16}}``:
+    search settings per strategy label (the label is everything before the last dot of the name, so
+    ``"deal w=.75/.25.lam=5"`` works too); values are type-checked like the batch fields."""
+    from .options import SEARCH_FIELDS, _check_search_value
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        name, sep, raw = item.rpartition("=")
+        label, dot, field = name.rpartition(".")
+        if not sep or not dot or not label.strip():
+            raise UsageError(f"--set takes STRATEGY.SETTING=VALUE (e.g. deal.lookahead=2), got {item!r}")
+        label, field = label.strip(), field.strip()
+        if field not in SEARCH_FIELDS:
+            raise UsageError(f"--set {item!r}: {field!r} is not a search setting; settable: {', '.join(SEARCH_FIELDS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw.strip()
+        out.setdefault(label, {})[field] = _check_search_value(field, value)
+    return out

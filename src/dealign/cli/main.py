@@ -216,6 +216,7 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of every search (sampling strategies).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming an interrupted run.")] = False,
     workers: Annotated[int, typer.Option("--workers", help="Answer the rows on N Ray actors (needs `pip install 'dealign[ray]'`).")] = 1,
+    set_: Annotated[Optional[List[str]], typer.Option("--set", help="A search setting for one strategy, STRATEGY.SETTING=VALUE, e.g. deal.lookahead=2 or best-of-n.n=16 (repeatable).")] = None,
 ) -> None:
     """Run a task end to end through the batch path; write summary, plots and report.md."""
     with reported_errors():
@@ -223,7 +224,7 @@ def eval_(
 
         run_eval(task, n=n, strategies=[s.strip() for s in (strategies or "").split(",") if s.strip()] or None,
                  out=out or Path("runs") / task, model=model, max_new_tokens=max_new_tokens, offset=offset,
-                 resume=not fresh, seed=seed, judge=judge, workers=workers)
+                 resume=not fresh, seed=seed, judge=judge, workers=workers, settings=set_)
 
 
 @app.command("train-reward")

@@ -64,8 +64,10 @@ class Task:
             return self.batch_metrics(rows, judge)
         return [self.metrics(r) for r in rows]
 
-    def rows(self, n: int, strategies: list[str], max_new_tokens: int, offset: int = 0, seed: int = 0) -> list[dict]:
-        """One batch-CLI row per (strategy, item)."""
+    def rows(self, n: int, strategies: list[str], max_new_tokens: int, offset: int = 0, seed: int = 0,
+             settings: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+        """One batch-CLI row per (strategy, item); ``settings`` overrides search settings per strategy
+        label (``{"deal": {"lookahead": 2}}``)."""
         known = self.strategies
         unknown = [s for s in strategies if s not in known]
         if unknown:
@@ -76,12 +78,16 @@ class Task:
         if not items:
             raise ValueError(f"task {self.name} has no items at offset {offset}")
         out = []
+        extra = settings or {}
+        stray = sorted(set(extra) - set(strategies))
+        if stray:
+            raise ValueError(f"settings for {stray[0]!r}, which is not among the strategies run ({', '.join(strategies)})")
         for label in strategies:
-            settings = dict(known[label])
-            with_instruction = settings.pop("_instruction", False)
+            chosen = {**known[label], **extra.get(label, {})}
+            with_instruction = chosen.pop("_instruction", False)
             for it in items:
                 row = {"id": it.id, "task": self.name, "method": label, "prompt": it.prompt, **it.fields,
-                       "max_new_tokens": max_new_tokens, "seed": seed, **settings, "meta": it.meta}
+                       "max_new_tokens": max_new_tokens, "seed": seed, **chosen, "meta": it.meta}
                 if with_instruction:
                     row["instruction"] = self.instruction
                 out.append(row)
