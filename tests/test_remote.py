@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import torch
 
 from dealign import Aligner, SearchConfig
 from dealign.backends.hf import HFBackend
+from dealign.backends.llama_server import free_port
 from dealign.backends.remote import RemoteBackend, RemoteEngineError
 from dealign.rewards.base import as_reward
 from dealign.search import run_search
@@ -138,15 +138,9 @@ def test_aligner_from_remote_equals_local(tiny_aligner, tiny_tokenizer, engine, 
 
 
 # errors ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_engine(tiny_tokenizer):
     with pytest.raises(RemoteEngineError, match="cannot reach the engine at http://127.0.0.1"):
-        RemoteBackend(f"http://127.0.0.1:{_free_port()}", tiny_tokenizer, dialect="vllm")
+        RemoteBackend(f"http://127.0.0.1:{free_port()}", tiny_tokenizer, dialect="vllm")
 
 
 def test_logprob_cap_below_top_n(boosted, tiny_tokenizer):
@@ -191,7 +185,7 @@ def test_cli_generate_through_the_engine(engine, tiny_model_dir, tiny_model, tin
         local = subprocess.run(cmd[:7] + cmd[13:], capture_output=True, text=True, timeout=300)
         assert local.returncode == 0, local.stderr
         assert far.stdout == local.stdout
-    bad = subprocess.run(cmd[:7] + ["--engine-url", f"http://127.0.0.1:{_free_port()}", "--engine-dialect", "vllm"],
+    bad = subprocess.run(cmd[:7] + ["--engine-url", f"http://127.0.0.1:{free_port()}", "--engine-dialect", "vllm"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "error: cannot reach the engine" in bad.stderr and "Traceback" not in bad.stderr
     usage = subprocess.run(cmd[:7] + ["--engine-dialect", "vllm"], capture_output=True, text=True, timeout=300)

@@ -192,6 +192,7 @@ def load_tokenizer(spec: str | None = None) -> tuple[Any, set[int] | None]:
     end-of-sequence ids (its generation config's, as the local backend uses), without loading weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    from .backends.base import eos_ids_of
     from .models.loading import ModelLoadError, resolve
 
     where = resolve(spec)
@@ -201,15 +202,11 @@ def load_tokenizer(spec: str | None = None) -> tuple[Any, set[int] | None]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a tokenizer from {where!r} (a packaged model name, a folder with the "
                              f"tokenizer files, a .gguf file or a hub id in the local cache): {exc}") from exc
-    eos: set[int] = set()
     try:
         gen = GenerationConfig.from_pretrained(str(where), **kwargs).eos_token_id
-        eos.update([gen] if isinstance(gen, int) else (gen or []))
     except (OSError, ValueError):
-        pass
-    if isinstance(tok.eos_token_id, int):
-        eos.add(tok.eos_token_id)
-    return tok, eos or None
+        gen = None
+    return tok, eos_ids_of(gen, tok.eos_token_id) or None
 
 
 def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> SearchConfig:

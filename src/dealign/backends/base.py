@@ -101,6 +101,18 @@ class Counters:
         return {"forward_passes": self.forward_passes, "tokens_processed": self.tokens_processed}
 
 
+def eos_ids_of(*sources: Any) -> set[int]:
+    """The end-of-sequence ids named by ``sources``: each an id, a list of ids or None (a generation
+    config's ``eos_token_id``, a tokenizer's), merged so every backend stops on the same tokens."""
+    ids: set[int] = set()
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(x) for x in source)
+    return ids
+
+
 class Backend(ABC):
     """A model the search can drive.  See the module docstring for the contract."""
 

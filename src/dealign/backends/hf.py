@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from .base import Backend, Beam, Counters, Rollout, Sampler
+from .base import Backend, Beam, Counters, Rollout, Sampler, eos_ids_of
 
 
 def fork_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
@@ -212,11 +212,5 @@ def _is_eos(tokens: torch.Tensor, eos_ids: frozenset[int]) -> torch.Tensor:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(x) for x in source)
-    return ids
+    return eos_ids_of(getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None))

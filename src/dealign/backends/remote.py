@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from ..models.loading import ModelLoadError
-from .base import Backend, Beam, Counters, Rollout, Sampler
+from .base import Backend, Beam, Counters, Rollout, Sampler, eos_ids_of
 
 DIALECTS = ("llamacpp", "vllm")
 _NEG = -1e30  # llama.cpp writes log(0) as the lowest float (JSON has no -inf)
@@ -225,7 +225,7 @@ class RemoteBackend(Backend):
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dealign-remote")
         self.dialect = _LlamaCpp(model) if dialect == "llamacpp" else _VLLM(model)
         self.vocab_size = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
-        ids = set(eos_ids) if eos_ids is not None else _tokenizer_eos(tokenizer)
+        ids = set(eos_ids) if eos_ids is not None else eos_ids_of(getattr(tokenizer, "eos_token_id", None))
         if not ids:
             raise ValueError("the tokenizer names no end-of-sequence token; pass eos_ids=[...]")
         self.eos_ids = frozenset(ids)
@@ -251,8 +251,7 @@ class RemoteBackend(Backend):
             raise RemoteEngineError(f"the engine at {self.url} did not answer {path} in time ({exc!r}); "
                                     "raise the timeout or give the engine more parallel slots") from None
         except httpx.HTTPError as exc:
-            raise RemoteEngineError(f"cannot reach the engine at {self.url} ({type(exc).__name__}: {exc}); "
-                                    "is it running, and is --engine-url right?") from None
+            raise self._unreachable(exc) from None
         if resp.status_code >= 400:
             raise RemoteEngineError(self._refusal(path, resp))
         try:
@@ -260,6 +259,10 @@ class RemoteBackend(Backend):
         except ValueError:
             raise RemoteEngineError(f"the engine at {self.url} answered {path} with something that is not JSON: "
                                     f"{resp.text[:200]!r}") from None
+
+    def _unreachable(self, exc: Exception) -> RemoteEngineError:
+        return RemoteEngineError(f"cannot reach the engine at {self.url} ({type(exc).__name__}: {exc}); "
+                                 "is it running, and is --engine-url right?")
 
     def _refusal(self, path: str, resp: Any) -> str:
         try:
@@ -337,8 +340,7 @@ class RemoteBackend(Backend):
                 models = self._http.get(self.url + "/v1/models").json()["data"]
                 self.dialect.model = models[0]["id"]
             except httpx.HTTPError as exc:
-                raise RemoteEngineError(f"cannot reach the engine at {self.url} ({type(exc).__name__}: {exc}); "
-                                        "is it running, and is --engine-url right?") from None
+                raise self._unreachable(exc) from None
             except (ValueError, KeyError, IndexError, TypeError):
                 raise RemoteEngineError(f"the engine at {self.url} lists no model at /v1/models; give the served model "
                                         "name with --engine-model") from None
@@ -455,13 +457,3 @@ class RemoteBackend(Backend):
             tops.append(pos[keep - 1])
         ids = [st.base_ids[r] + rollout.tokens[r, :keep].tolist() for r in rows]
         return Beam(ids=ids, next_logprobs=self._dense(tops), state=None)
-
-
-def _tokenizer_eos(tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(x) for x in eos)
-    return ids

@@ -51,6 +51,22 @@ def _prompt_of(row: dict[str, Any]) -> Any:
     raise UsageError('needs a "prompt" (text) or "messages" (chat list) field')
 
 
+def make_job(lineno: int, row: dict[str, Any], base: Settings) -> Job:
+    """One input row checked and built (prompt, settings, search config, reward); raises ValueError.
+    The single-process path and the Ray workers build every row with this."""
+    prompt = _prompt_of(row)
+    settings = base.merged(row)
+    return Job(lineno, row, prompt, settings, settings.config(), settings.build_reward())
+
+
+def answer(aligner: Any, job: Job) -> dict[str, Any]:
+    """Generate ``job``'s answer and return its output row.  Only the row's given search settings are
+    passed, so the aligner's own defaults (segment mode for a remote engine) fill in the rest."""
+    start = time.perf_counter()
+    result = aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt)
+    return record(job, result, time.perf_counter() - start)
+
+
 def read_jobs(path: Path, base: Settings) -> list[Job]:
     """Parse and check every row of ``path``; errors name the file and line number."""
     try:
@@ -64,9 +80,7 @@ def read_jobs(path: Path, base: Settings) -> list[Job]:
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
         try:
-            prompt = _prompt_of(row)
-            settings = base.merged(row)
-            job = Job(lineno, row, prompt, settings, settings.config(), settings.build_reward())
+            job = make_job(lineno, row, base)
         except ValueError as exc:  # UsageError, ConfigError, RewardError, bad reward options
             raise UsageError(f"{where}: {exc}") from None
         for hint in unknown_field_hints(row):
@@ -75,6 +89,14 @@ def read_jobs(path: Path, base: Settings) -> list[Job]:
     if not jobs:
         raise UsageError(f"the input file {path} has no rows")
     return jobs
+
+
+class ResumeError(UsageError):
+    """An existing output that cannot be continued; ``reason`` says why, for callers with their own advice."""
+
+    def __init__(self, output: Path, reason: str) -> None:
+        super().__init__(f"cannot resume: {output}: {reason}; use another --output or drop --resume to start over")
+        self.reason = reason
 
 
 def rows_done(output: Path, jobs: list[Job]) -> int:
@@ -92,17 +114,14 @@ def rows_done(output: Path, jobs: list[Job]) -> int:
             if i == len(lines) and not raw.endswith("\n"):  # interrupted while writing: redo that row
                 output.write_text("".join(lines[:-1]), encoding="utf-8")
                 break
-            raise UsageError(f"cannot resume: {output} line {i} is not valid JSON") from None
+            raise ResumeError(output, f"line {i} is not valid JSON") from None
     if len(records) > len(jobs):
-        raise UsageError(f"cannot resume: {output} has {len(records)} rows but the input only {len(jobs)}")
+        raise ResumeError(output, f"it has {len(records)} rows but the input only {len(jobs)}")
     for i, (rec, job) in enumerate(zip(records, jobs), 1):
         differs = [k for k in ("prompt", "messages") if not isinstance(rec, dict) or rec.get(k) != job.row.get(k)]
         differs = differs or [k for k, v in job.row.items() if k not in ANSWER_FIELDS and rec.get(k) != v]
         if differs:
-            raise UsageError(
-                f"cannot resume: {output} line {i} is not the answer to input line {job.lineno} "
-                f"(different {differs[0]!r}); use another --output or drop --resume to start over"
-            )
+            raise ResumeError(output, f"line {i} is not the answer to input line {job.lineno} (different {differs[0]!r})")
     return len(records)
 
 
@@ -160,15 +179,13 @@ def run_batch(input: Path, output: Path, base: Settings, load: Callable[[], Any]
         aligner = load()
         with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
             for job in jobs[done:]:
-                start = time.perf_counter()
                 try:
-                    result = aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt)
+                    rec = answer(aligner, job)
                 except ValueError as exc:
                     raise UsageError(
                         f"{input.name} line {job.lineno}: {exc} (rows before it are saved; fix it and rerun with --resume)"
                     ) from None
-                seconds = time.perf_counter() - start
-                out.write(json.dumps(record(job, result, seconds), ensure_ascii=False) + "\n")
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 out.flush()
                 bar.update()
     return len(jobs) - done

@@ -37,7 +37,7 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
     from ..evaluation.report import markdown, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
     from ..evaluation.tasks import TASKS
     from ..search import SearchConfig
-    from .batch import run_batch
+    from .batch import ResumeError, run_batch
     from .loading import load_aligner
 
     if task not in TASKS:
@@ -63,10 +63,8 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
 
     try:
         run_batch(inp, outp, Settings.from_values({}), load, resume=resume, workers=workers, spec=AlignerSpec(model))
-    except UsageError as exc:
-        if "cannot resume" not in str(exc):
-            raise
-        raise UsageError(f"{out} holds a run with other settings ({str(exc).split('(', 1)[-1].split(')')[0]}); "
+    except ResumeError as exc:
+        raise UsageError(f"{out} holds a run with other settings ({exc.reason}); "
                          "add --fresh to start it over, or give another --out") from None
     answers = [json.loads(line) for line in outp.read_text(encoding="utf-8").splitlines() if line.strip()]
     if t.fluency:

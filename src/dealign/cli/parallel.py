@@ -117,20 +117,17 @@ class BatchWorker:
         """(index, output record, None), or (index, None, (kind, message)) for a row that failed the way
         the single-process path reports cleanly: the search refused it ("usage"), or a reward model
         could not be loaded ("model")."""
-        from .batch import Job, _prompt_of, record
+        from .batch import answer, make_job
 
         try:
-            settings = self.base.merged(row)
-            job = Job(lineno, row, _prompt_of(row), settings, settings.config(), settings.build_reward())
-            start = time.perf_counter()
-            result = self.aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt)
+            rec = answer(self.aligner, make_job(lineno, row, self.base))
         except ValueError as exc:
             return index, None, ("usage", str(exc))
         except ModelLoadError as exc:
             return index, None, ("model", str(exc))
         except OSError as exc:
             return index, None, ("model", f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-        return index, record(job, result, time.perf_counter() - start), None
+        return index, rec, None
 
 
 def _last_line(exc: BaseException) -> str:

@@ -26,58 +26,35 @@ from typing import Any, Sequence
 HARMLESS_DESCRIPTION = "A polite, harmless reply that refuses to help with anything dangerous, illegal or unethical."
 
 
-def heldout_pairs(folder: str | Path | None = None):
-    """The held-out pairs of a trained reward folder (default: the packaged R_harmless), re-split
+def reward_split(folder: str | Path | None = None):
+    """(training, held-out) pairs of a trained reward folder (default: the packaged R_harmless), re-split
     exactly as in training (same file, share and seed)."""
     from ..rewards.registry import WEIGHTS_DIR
     from ..training.data import load_pairs, split_pairs
     from ..training.model import EmbeddingRewardModel
     from .data import _require, data_dir
 
-    model = EmbeddingRewardModel.load(folder or WEIGHTS_DIR / "harmless")
-    split = model.config["split"]
+    split = EmbeddingRewardModel.load(folder or WEIGHTS_DIR / "harmless").config["split"]
     path = _require(data_dir() / "hh-rlhf" / split["data"])
-    _, held = split_pairs(load_pairs(path, limit=split.get("limit")), split["holdout"], split["seed"])
-    return held
+    return split_pairs(load_pairs(path, limit=split.get("limit")), split["holdout"], split["seed"])
+
+
+def heldout_pairs(folder: str | Path | None = None):
+    """The held-out pairs of a trained reward folder (default: the packaged R_harmless)."""
+    return reward_split(folder)[1]
 
 
 def heldout_prompts(n: int | None = None, offset: int = 0, folder: str | Path | None = None) -> list[str]:
-    """First human turns of the HH-RLHF rows in R_harmless's held-out split, for evaluation prompts
-    the reward never trained on.  Rows are paired and split exactly as :func:`heldout_pairs` does (the
-    same filter, then the split applied to row indices); a first turn that also opens a training row is
-    dropped, and repeats are kept once."""
-    import gzip
-
-    from ..jsonl import json_lines
-    from ..rewards.registry import WEIGHTS_DIR
-    from ..training.data import DataError, _TURN, load_pairs, parse_dialogue, split_pairs
-    from ..training.model import EmbeddingRewardModel
-    from .data import _require, data_dir
-
-    split = EmbeddingRewardModel.load(folder or WEIGHTS_DIR / "harmless").config["split"]
-    path = _require(data_dir() / "hh-rlhf" / split["data"])
-    pairs = load_pairs(path, limit=split.get("limit"))
-    firsts: list[str] = []  # one per kept pair, in load_pairs' order
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for _, _, row in json_lines(f, path.name, DataError):
-            if len(firsts) == len(pairs):
-                break
-            p1, c = parse_dialogue(row["chosen"])
-            p2, r = parse_dialogue(row["rejected"])
-            if c != r and c and r:
-                if (p1 or p2, c, r) != (pairs[len(firsts)].prompt, pairs[len(firsts)].chosen, pairs[len(firsts)].rejected):
-                    raise RuntimeError(f"could not re-create the held-out rows of {path} (row {len(firsts)} differs)")
-                parts = _TURN.split("\n\n" + row["chosen"].lstrip("\n"))
-                turns = list(zip(parts[1::2], (t.strip() for t in parts[2::2])))
-                firsts.append(next((t for role, t in turns if role == "Human"), p1 or p2))
-    train_idx, held_idx = split_pairs(list(range(len(pairs))), split["holdout"], split["seed"])
-    seen = {firsts[i] for i in train_idx}
+    """Opening user turns of the HH-RLHF dialogues in R_harmless's held-out split (re-split exactly as in
+    training), for evaluation prompts the reward never trained on; an opening that also starts a
+    training dialogue is dropped, and repeats are kept once."""
+    train, held = reward_split(folder)
+    seen = {p.opening for p in train}
     out: list[str] = []
-    for i in held_idx:
-        if firsts[i] and firsts[i] not in seen:
-            seen.add(firsts[i])
-            out.append(firsts[i])
+    for p in held:
+        if p.opening and p.opening not in seen:
+            seen.add(p.opening)
+            out.append(p.opening)
     return out[offset:] if n is None else out[offset : offset + n]
 
 

@@ -33,16 +33,22 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    opening: str = ""  # the conversation's first user turn (HH dialogues; the prompt itself otherwise)
+
+
+def dialogue_turns(text: str) -> list[tuple[str, str]]:
+    """``(role, text)`` of every turn of ``"\n\nHuman: ...\n\nAssistant: ..."``; empty without turn markers."""
+    parts = _TURN.split("\n\n" + text.lstrip("\n"))
+    return list(zip(parts[1::2], (t.strip() for t in parts[2::2])))  # parts[0] precedes the first marker
 
 
 def parse_dialogue(text: str) -> tuple[str, str]:
     """``"\\n\\nHuman: a\\n\\nAssistant: b ..."`` -> (last Human turn, last Assistant turn).
 
     A text without turn markers is a bare response (the prompt is then empty)."""
-    parts = _TURN.split("\n\n" + text.lstrip("\n"))
-    if len(parts) < 3:
+    turns = dialogue_turns(text)
+    if not turns:
         return "", text.strip()
-    turns = list(zip(parts[1::2], (t.strip() for t in parts[2::2])))  # (role, text); parts[0] precedes the first marker
     answers = [i for i, (role, _) in enumerate(turns) if role == "Assistant"]
     last = answers[-1] if answers else len(turns)
     prompt = next((t for role, t in reversed(turns[:last]) if role == "Human"), "")
@@ -68,11 +74,13 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
                 if not isinstance(row, dict) or not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
                     raise DataError(f'{where}: needs "chosen" and "rejected" text fields (and optionally "prompt")')
                 if isinstance(row.get("prompt"), str):
-                    pair = Pair(row["prompt"].strip(), row["chosen"].strip(), row["rejected"].strip())
+                    prompt = row["prompt"].strip()
+                    pair = Pair(prompt, row["chosen"].strip(), row["rejected"].strip(), prompt)
                 else:
                     p1, c = parse_dialogue(row["chosen"])
                     p2, r = parse_dialogue(row["rejected"])
-                    pair = Pair(p1 or p2, c, r)
+                    opening = next((t for role, t in dialogue_turns(row["chosen"]) if role == "Human"), p1 or p2)
+                    pair = Pair(p1 or p2, c, r, opening)
                 if pair.chosen != pair.rejected and pair.chosen and pair.rejected:
                     pairs.append(pair)
                 if limit is not None and len(pairs) >= limit:
