@@ -17,7 +17,7 @@ export DEALIGN_DATA ?= $(abspath ../shared/data)
 # means the build tools (cmake, a C++ compiler) are missing: the tests then skip with that reason.
 LLAMA_CPP_PYTHON := 0.3.36
 
-.PHONY: setup demo test test-all eval clean llama-server
+.PHONY: setup demo test test-all eval rewards clean llama-server
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ eval: setup
 	$(BIN)/dealign eval harmless --n 30 --strategies greedy,prompt,best-of-n,deal-segment,prompt+deal --out runs/final/harmless
 	$(BIN)/dealign eval tradeoff --n 30 --out runs/final/tradeoff
 	$(BIN)/dealign eval jailbreak --n 30 --out runs/final/jailbreak
+
+## Retrain the reward heads shipped in the package (fixed seed; R_harmless ~10 min on 2 cores, most of it
+## SmolLM2 features, cached afterwards). Not needed to use dealign: the trained heads ship with it.
+HH_HARMLESS := $(DEALIGN_DATA)/hh-rlhf/harmless-base.test.jsonl.gz
+WEIGHTS := src/dealign/rewards/weights
+rewards: setup
+	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/harmless --name harmless --backbone minilm --backbone smollm2
+	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/helpful --name helpful --pairs helpful
 
 llama-server: $(STAMP)
 	PIP="$(BIN)/python -m pip" LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON) scripts/build-llama-server.sh || test $$? -eq 2

@@ -155,3 +155,9 @@ def test_search_settings_per_strategy(tmp_path, tiny_model_dir):
         _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1, settings=["deal.lookahead=3"])
     _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1, settings=["deal.lookahead=3"],
          resume=False)
+    # nor is a run scored with packaged reward heads that were retrained since
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert len(cfg["packaged_rewards"]) == 16
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, packaged_rewards="0" * 16)))
+    with pytest.raises(UsageError, match="other packaged reward heads.*--fresh"):
+        _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1, settings=["deal.lookahead=3"])

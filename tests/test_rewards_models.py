@@ -231,6 +231,21 @@ def test_packaged_harmless_and_helpful_rewards_load_and_rank_sensibly():
     q2 = "How do I bake bread?"
     g = helpful([q2, q2], ["Mix flour, water, yeast and salt, knead, let it rise, then bake at 220 C.", refuse])
     assert g[0] > g[1]
+    fast = named_reward("harmless_fast")
+    f = fast([q, q], [refuse, comply])
+    assert fast.name == "harmless_fast" and f[0] > f[1]
+
+
+def test_packaged_harmless_is_the_ensemble_it_was_measured_as():
+    from dealign.rewards.registry import WEIGHTS_DIR
+    from dealign.training import EnsembleRewardModel, load_reward_folder
+
+    ens = load_reward_folder(WEIGHTS_DIR / "harmless")
+    assert isinstance(ens, EnsembleRewardModel)
+    assert [(f, w) for f, _, w in ens.members] == [("minilm", 0.5), ("smollm2", 0.5)]
+    assert ens.config["split"] == {"data": "harmless-base.test.jsonl.gz", "holdout": 0.2, "seed": 0,
+                                   "pairs": "preference", "limit": None}
+    assert ens.config["metrics"]["heldout_pairs"] == 462 and ens.config["metrics"]["heldout_accuracy"] >= 0.65
 
 
 SMALL = ["--max-new-tokens", "4", "--beam", "2", "--topk", "2", "--lookahead", "1"]

@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dealign.cli.main import app
@@ -151,3 +152,142 @@ def test_cli_train_reward_helpful_pairs(tmp_path, tiny_backbone):
     assert json.loads((tmp_path / "helpful" / "dealign_reward.json").read_text())["name"] == "helpful"
     bad = CliRunner().invoke(app, ["train-reward", str(data), "--out", str(tmp_path / "x"), "--pairs", "nice"])
     assert bad.exit_code == 2 and "pairs must be one of preference, helpful" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Heads on a causal LM's hidden states, and ensembles of heads
+
+
+def test_lm_backbone_pools_the_response_after_the_prompt(tiny_model_dir):
+    from dealign.training.backbones import LMBackbone, backbone_of
+
+    bb = backbone_of(str(tiny_model_dir))
+    assert isinstance(bb, LMBackbone) and bb.dim == bb.in_features == 48
+    alone = bb.features(["the dog"], ["runs to the park"])
+    assert alone.shape == (1, 48)
+    # right padding must not change a row: the same pair in a batch with a much longer text
+    bb.memo.clear()
+    batched = bb.features(["the dog", "the cat " * 20], ["runs to the park", "sleeps " * 30])
+    assert torch.allclose(batched[0], alone[0], atol=1e-5)
+    # the response is read in the prompt's context, and an empty response still gives a row
+    other = bb.features(["a cat"], ["runs to the park"])
+    assert not torch.allclose(other[0], alone[0])
+    assert bb.features(["the dog"], [""]).shape == (1, 48)
+    # a search step's candidates share one prompt: read once, its cache forked into every row, same rows
+    responses = ["runs to the park", "sleeps", "", "the cat " * 30, "runs to the park and back"]
+    bb.memo.clear()
+    shared = bb.features(["the dog"] * 5, responses)
+    assert torch.allclose(shared, whole_rows(bb, "the dog", responses), atol=1e-4)
+    assert torch.allclose(shared[0], alone[0], atol=1e-4)
+    # long texts are cut to prompt_tokens + response_tokens positions
+    assert len(bb._encode("the cat " * 200, "sleeps " * 200)[0]) <= bb.prompt_tokens + bb.response_tokens
+
+
+def whole_rows(bb, prompt, responses):
+    with torch.inference_mode():
+        return torch.stack(bb._whole([(prompt, r) for r in responses]))
+
+
+def test_lm_backbone_reads_each_step_from_the_beams_it_extends(tiny_model_dir):
+    """Successive search steps extend earlier candidates (segment mode: whole texts; token mode: their
+    prefixes); continuing from the read prefix must give the rows of a fresh read."""
+    from dealign.training.backbones import LMBackbone
+
+    bb = LMBackbone(str(tiny_model_dir))
+    prompt = "the dog"
+    step1 = ["runs", "runs to", "sleeps", "sleeps on the mat", "eats"]
+    step2 = ["runs to the park", "runs to a", "runs fast", "sleeps on the mat now", "sleeps on", "eats eats", "the cat"]
+    step3 = ["runs to the park and back", "sleeps on the mat now and then", "runs to the park", "", "eats eats a lot"]
+    real = bb._hidden
+    fed = []
+    for step in (step1, step2, step3):
+        calls = []
+        bb._hidden = lambda ids, mask, cache=None: calls.append(tuple(ids.shape)) or real(ids, mask, cache)
+        got = bb.features([prompt] * len(step), step)
+        bb._hidden = real
+        assert torch.allclose(got, whole_rows(bb, prompt, step), atol=1e-4)
+        fed.append(sum(rows * width for rows, width in calls))
+    assert bb._states[prompt].reads
+    # later steps feed only what is new: fewer positions than their responses' tokens
+    full = [sum(len(bb._response_ids(r)) for r in set(step)) for step in (step2, step3)]
+    assert fed[1] < full[0] and fed[2] < full[1], (fed, full)
+    # another prompt is read on its own; a few prompts are kept
+    for i in range(6):
+        bb.features([f"prompt {i}"] * 4, step1[:4])
+    assert len(bb._states) == 2
+
+
+def test_lm_backbone_settings_are_checked(tiny_model_dir, tmp_path):
+    from dealign.rewards import RewardError
+    from dealign.training.backbones import LMBackbone, backbone_of
+
+    with pytest.raises(RewardError, match="layer 9 is out of range"):
+        LMBackbone(str(tiny_model_dir), layer=9)
+    with pytest.raises(RewardError, match="no backbone"):
+        backbone_of(str(tmp_path / "nowhere"))
+
+
+def test_training_a_head_on_lm_hidden_states(tmp_path, tiny_model_dir):
+    data = write(tmp_path / "pairs.jsonl", synthetic_rows(120))
+    model, report = train_reward(data, tmp_path / "lm", backbone=str(tiny_model_dir), epochs=30, lr=5e-3,
+                                 progress=False, log=lambda m: None)
+    assert report.loss_last < report.loss_first
+    assert report.heldout_accuracy >= 0.7
+    cfg = json.loads((tmp_path / "lm" / "dealign_reward.json").read_text())
+    assert cfg["features"]["kind"] == "lm" and cfg["hidden"] == 0 and cfg["weight_decay"] == 1.0  # LM defaults
+    back = reward_from_path(str(tmp_path / "lm"))
+    p, good, bad = "how can you", "good kind safe help", "bad awful hurt harm"
+    assert back([p], [good]) == pytest.approx(model.reward()([p], [good]))
+    assert back([p], [good])[0] > back([p], [bad])[0]
+
+
+def test_ensemble_averages_standardised_member_scores(tmp_path, tiny_backbone, tiny_model_dir):
+    from dealign.training import EnsembleRewardModel, load_reward_folder
+
+    data = write(tmp_path / "pairs.jsonl", synthetic_rows(120))
+    model, report = train_reward(data, tmp_path / "ens", backbone=[tiny_backbone, str(tiny_model_dir)],
+                                 weights=[3, 1], epochs=20, lr=5e-3, progress=False, log=lambda m: None)
+    assert isinstance(model, EnsembleRewardModel)
+    assert [m["weight"] for m in report.members] == [0.75, 0.25]
+    assert all(m["heldout_accuracy"] >= 0.6 for m in report.members) and report.heldout_accuracy >= 0.7
+    back = load_reward_folder(tmp_path / "ens")
+    assert isinstance(back, EnsembleRewardModel) and len(back.members) == 2
+    assert {d.name for d in (tmp_path / "ens").iterdir() if d.is_dir()} == {m["folder"] for m in report.members}
+    prompts, texts = ["how can you"] * 3, ["good kind safe help", "bad awful hurt harm", "the dog"]
+    expected = [0.0] * 3
+    for _, member, w in back.members:
+        cal = member.calibration
+        for i, s in enumerate(member.raw_scores(prompts, texts)):
+            expected[i] += w * (s - cal.mean) / cal.std
+    assert back.raw_scores(prompts, texts) == pytest.approx(expected, abs=1e-5)
+    assert back.raw_scores(prompts, texts) == pytest.approx(model.raw_scores(prompts, texts), abs=1e-5)
+    scores = reward_from_path(str(tmp_path / "ens"))(prompts, texts)
+    assert all(0 <= s <= 1 for s in scores) and scores[0] > scores[1]
+
+
+def test_ensemble_arguments_are_checked(tmp_path, tiny_backbone):
+    data = write(tmp_path / "pairs.jsonl", synthetic_rows(30))
+    with pytest.raises(DataError, match="named twice"):
+        train_reward(data, None, backbone=[tiny_backbone, tiny_backbone], progress=False, log=lambda m: None)
+    with pytest.raises(DataError, match="one non-negative weight per backbone"):
+        train_reward(data, None, backbone=[tiny_backbone, "minilm"], weights=[1.0], progress=False, log=lambda m: None)
+
+
+def test_cli_trains_an_ensemble(tmp_path, tiny_backbone, tiny_model_dir):
+    data = write(tmp_path / "pairs.jsonl", synthetic_rows(60))
+    res = CliRunner().invoke(app, ["train-reward", str(data), "--out", str(tmp_path / "e"), "--epochs", "3",
+                                   "--backbone", tiny_backbone, "--backbone", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("head on ") == 2 and "ensemble" in res.stdout
+    cfg = json.loads((tmp_path / "e" / "dealign_reward.json").read_text())
+    assert cfg["format"] == "dealign-ensemble-reward" and [m["weight"] for m in cfg["members"]] == [0.5, 0.5]
+
+
+def test_folders_saved_before_heads_standardised_still_load():
+    """The packaged R_helpful was saved without in_features, shift or scale: it loads as a MiniLM head."""
+    from dealign.rewards.registry import WEIGHTS_DIR
+    from safetensors.torch import load_file
+
+    assert "shift" not in load_file(str(WEIGHTS_DIR / "helpful" / "head.safetensors"))
+    model = EmbeddingRewardModel.load(WEIGHTS_DIR / "helpful")
+    assert model.head.net[1].in_features == 3 * 384 + 1

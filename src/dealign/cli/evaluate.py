@@ -31,6 +31,18 @@ def _judge(spec: str | None, policy_loader):
     return "policy model", lambda p, t: mean_token_nll(policy, p, t)
 
 
+def packaged_rewards_fingerprint() -> str:
+    """A short hash of every packaged reward head: a resumed run must be scored by the same heads."""
+    import hashlib
+
+    from ..rewards.registry import WEIGHTS_DIR
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in WEIGHTS_DIR.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(WEIGHTS_DIR)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, model: str | None, max_new_tokens: int | None,
              offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None,
              workers: int = 1, settings: list[str] | None = None) -> list[dict]:
@@ -61,6 +73,20 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
 
     from .parallel import AlignerSpec
 
+    config = {"task": task, "n": n, "offset": offset, "seed": seed, "model": model,
+              "max_new_tokens": max_new_tokens, "strategies": {s: rows_for(rows, s) for s in strategies},
+              "search_defaults": dataclasses.asdict(SearchConfig()), "instruction": t.instruction,
+              "packaged_rewards": packaged_rewards_fingerprint()}
+    previous = out / "config.json"
+    if resume and outp.exists() and previous.exists():
+        try:
+            before = json.loads(previous.read_text(encoding="utf-8")).get("packaged_rewards")
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if before is not None and before != config["packaged_rewards"]:
+            raise UsageError(f"{out} holds a run scored with other packaged reward heads (retrained or updated since); "
+                             "add --fresh to start it over, or give another --out")
+    previous.write_text(json.dumps(config, indent=2), encoding="utf-8")  # now, so an interrupted run is checked too
     try:
         run_batch(inp, outp, Settings.from_values({}), load, resume=resume, workers=workers, spec=AlignerSpec(model))
     except ResumeError as exc:
@@ -92,9 +118,7 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
         f"dealign {dealign.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{platform.machine()}, {torch.get_num_threads()} threads; {datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
-    config = {"task": task, "n": n, "offset": offset, "seed": seed, "model": model, "judge": judge_name,
-              "max_new_tokens": max_new_tokens, "strategies": {s: rows_for(rows, s) for s in strategies},
-              "search_defaults": dataclasses.asdict(SearchConfig()), "instruction": t.instruction}
+    config["judge"] = judge_name
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"header": header, "table": table}, indent=2), encoding="utf-8")
     (out / "summary.md").write_text(header + "\n\n" + markdown(table) + "\n", encoding="utf-8")

@@ -235,23 +235,29 @@ def train_reward(
     holdout: Annotated[float, typer.Option(help="Share of pairs held out for the accuracy figure (fixed-seed split).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split, the initialisation and the batches.")] = 0,
     epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on a tenth of the training pairs).")] = 60,
-    hidden: Annotated[int, typer.Option(help="Hidden units of the head (0 = linear).")] = 128,
+    hidden: Annotated[Optional[int], typer.Option(help="Hidden units of the head (0 = linear) [default: 128 on sentence embeddings, 0 on LM hidden states].")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 0.01 on sentence embeddings, 1.0 on LM hidden states].")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N pairs of the file.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Reward name shown in breakdowns [default: the folder name].")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="sentence-transformers folder [default: packaged all-MiniLM-L6-v2].")] = None,
+    backbone: Annotated[Optional[List[str]], typer.Option(help="minilm (packaged all-MiniLM-L6-v2), a sentence-transformers folder, or a causal LM whose hidden states the head reads (smollm2, gemma3-270m, a folder). Repeat it to train one head per backbone and save their ensemble. [default: minilm]")] = None,
+    weight: Annotated[Optional[List[float]], typer.Option(help="Ensemble weight of each --backbone, in order [default: equal].")] = None,
 ) -> None:
-    """Train a pairwise (Bradley–Terry) reward head on frozen MiniLM embeddings; print held-out accuracy."""
+    """Train a pairwise (Bradley–Terry) reward head on a frozen backbone (or an ensemble of heads); print held-out accuracy."""
     with reported_errors():
         from ..training import train_reward as train
 
-        _, report = train(data, out, pairs=pairs, holdout=holdout, seed=seed, epochs=epochs, hidden=hidden, lr=lr,
-                          limit=limit, name=name, backbone=backbone)
-        typer.echo(
-            f"{report.pairs} pairs: {report.train_pairs} train, {report.heldout_pairs} held out · "
-            f"loss {report.loss_first:.4f} -> {report.loss_last:.4f} · best epoch {report.epochs} · "
-            f"accuracy train {report.train_accuracy:.3f}, held-out {report.heldout_accuracy:.3f} · {report.seconds:.0f} s"
-        )
+        _, report = train(data, out, pairs=pairs, holdout=holdout, seed=seed, epochs=epochs, hidden=hidden,
+                          weight_decay=weight_decay, lr=lr, limit=limit, name=name,
+                          backbone=backbone or None, weights=weight or None)
+        typer.echo(f"{report.pairs} pairs: {report.train_pairs} train, {report.heldout_pairs} held out")
+        for m in report.members:
+            typer.echo(f"  head on {m['backbone']} (weight {m['weight']:.2f}): loss {m['loss_first']:.4f} -> "
+                       f"{m['loss_last']:.4f} · best epoch {m['epochs']} · held-out accuracy {m['heldout_accuracy']:.3f}")
+        what = "ensemble" if report.members else (
+            f"loss {report.loss_first:.4f} -> {report.loss_last:.4f} · best epoch {report.epochs}")
+        typer.echo(f"{what} · accuracy train {report.train_accuracy:.3f}, held-out {report.heldout_accuracy:.3f} · "
+                   f"{report.seconds:.0f} s")
         typer.echo(f"saved to {report.out}; use it with --reward-model {report.out}")
 
 

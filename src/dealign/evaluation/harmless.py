@@ -6,6 +6,8 @@ untrained signals on the same pairs: the profanity classifier, embedding similar
 of a harmless refusal, the refusal detector, "the shorter answer", the LM judge (SmolLM2) and the
 helpfulness substitute.
 
+``cost``: seconds per answer of greedy and of DeAL with each R_harmless variant, in one run.
+
 ``harmfulq``: the first N HarmfulQ questions answered by SmolLM2-135M-Instruct with greedy decoding,
 best-of-8 reranked by R_harmless, and DeAL with R_harmless.  Every answer is scored by R_harmless (what
 the searches optimise) and by judges they did *not* optimise: the LM judge, the profanity classifier
@@ -31,10 +33,10 @@ def reward_split(folder: str | Path | None = None):
     exactly as in training (same file, share and seed)."""
     from ..rewards.registry import WEIGHTS_DIR
     from ..training.data import load_pairs, split_pairs
-    from ..training.model import EmbeddingRewardModel
+    from ..training.model import load_reward_folder
     from .data import _require, data_dir
 
-    split = EmbeddingRewardModel.load(folder or WEIGHTS_DIR / "harmless").config["split"]
+    split = load_reward_folder(folder or WEIGHTS_DIR / "harmless").config["split"]
     path = _require(data_dir() / "hh-rlhf" / split["data"])
     return split_pairs(load_pairs(path, limit=split.get("limit")), split["holdout"], split["seed"])
 
@@ -62,11 +64,14 @@ def pair_signals(held: Sequence[Any], judge: bool = True) -> list[dict[str, Any]
     """Accuracy of each signal on ``held`` (a list of Pair)."""
     from ..rewards import embedding_similarity, named_reward, non_toxic
     from ..rewards.base import Reward
+    from ..rewards.registry import packaged_reward_model
     from ..training.data import is_refusal
     from ..training.train import pairwise_accuracy
 
     signals: list[tuple[str, str, Reward]] = [
-        ("R_harmless (trained head, MiniLM)", "prompt + response", named_reward("harmless")),
+        ("R_harmless (ensemble of the two heads below)", "prompt + response", named_reward("harmless")),
+        ("  its head on SmolLM2-135M hidden states", "prompt + response", packaged_reward_model("harmless/smollm2")),
+        ("  its head on MiniLM embeddings (= harmless_fast)", "prompt + response", named_reward("harmless_fast")),
         ("profanity classifier: 1 - P(offensive)", "response", non_toxic()),
         ("MiniLM similarity to a harmless-refusal description", "response", embedding_similarity(HARMLESS_DESCRIPTION)),
         ("refusal detector (regex)", "response", Reward(lambda p, c: [float(is_refusal(t)) for t in c], "refusal")),
@@ -172,6 +177,57 @@ def run_harmfulq(n: int = 30, max_new_tokens: int = 64, methods: Sequence[str] |
     return table
 
 
+def run_cost(n: int = 4, max_new_tokens: int = 64, model: str | None = None) -> list[dict[str, Any]]:
+    """What R_harmless costs inside the search, in one run: seconds per HarmfulQ answer for greedy and for
+    DeAL (segment mode, the harm tasks' settings) with ``harmless_fast`` (MiniLM head only), ``harmless``
+    (the ensemble; its SmolLM2 head reads each candidate from the beam it extends) and ``harmless`` read
+    naively (every candidate read again from the prompt on), plus how often the two readings agree."""
+    from .. import Aligner
+    from ..rewards import named_reward
+    from ..rewards.registry import WEIGHTS_DIR
+    from ..training.model import EnsembleRewardModel, load_reward_folder
+    from .metrics import mean
+
+    questions = harmfulq(n)
+    aligner = Aligner.from_pretrained(model)
+    ensemble = load_reward_folder(WEIGHTS_DIR / "harmless")
+    assert isinstance(ensemble, EnsembleRewardModel)
+    lm = next(m.backbone for _, m, _ in ensemble.members if m.config.get("features", {}).get("kind") == "lm")
+    r_harmless = named_reward("harmless")
+    runs = [("greedy", {"strategy": "greedy"}, None, True),
+            ("DeAL + harmless_fast (MiniLM head)", METHODS["deal-segment"], "harmless_fast", True),
+            ("DeAL + harmless (ensemble, incremental reading)", METHODS["deal-segment"], "harmless", True),
+            ("DeAL + harmless (ensemble, naive reading)", METHODS["deal-segment"], "harmless", False)]
+    table, texts_of = [], {}
+    for label, settings, reward_name, incremental in runs:
+        reward = named_reward(reward_name) if reward_name else None
+        if reward is not None:
+            reward(["warm-up"], ["loads the model"])
+        lm.memo.clear()
+        lm._states.clear()
+        lm.incremental = incremental
+        rows = []
+        for q in questions:
+            start = time.perf_counter()
+            res = aligner.generate(q, reward=reward, max_new_tokens=max_new_tokens, seed=0, **settings)
+            rows.append((time.perf_counter() - start, res))
+        lm.incremental = True
+        texts_of[label] = [r.text for _, r in rows]
+        table.append({"method": label, "s/prompt": round(mean([s for s, _ in rows]), 2),
+                      "reward calls/prompt": round(mean([r.stats.get("reward_calls", 0) for _, r in rows]), 1),
+                      "candidates scored/prompt": round(mean([r.stats.get("candidates_scored", 0) for _, r in rows]), 1),
+                      "R_harmless": round(mean(r_harmless(questions, texts_of[label])), 3)})
+        print(f"  {label}: {table[-1]['s/prompt']} s/prompt", file=sys.stderr, flush=True)
+    greedy = table[0]["s/prompt"]
+    for row in table:
+        row["x greedy"] = round(row["s/prompt"] / greedy, 2)
+    inc, naive = texts_of[runs[2][0]], texts_of[runs[3][0]]
+    table[3]["same answer as incremental"] = f"{sum(a == b for a, b in zip(inc, naive))}/{len(inc)}"
+    for row in table:
+        row.setdefault("same answer as incremental", "")
+    return table
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -189,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--max-new-tokens", type=int, default=64)
     h.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
     h.add_argument("--model", default=None)
-    for sp in (p, h):
+    c = sub.add_parser("cost", help="seconds per answer: greedy, DeAL with harmless_fast / harmless (incremental, naive)")
+    c.add_argument("--n", type=int, default=4)
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--model", default=None)
+    for sp in (p, h, c):
         sp.add_argument("--out", type=Path, default=Path("runs/harmless"))
         sp.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's]")
     args = parser.parse_args(argv)
@@ -203,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = pair_signals(held, judge=not args.no_judge)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "pairs.summary.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    elif args.task == "cost":
+        rows = run_cost(args.n, args.max_new_tokens, args.model)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cost.summary.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]

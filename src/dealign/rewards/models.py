@@ -42,7 +42,7 @@ INPUTS = ("prompt+response", "response")
 # Process-wide cache of loaded models: (kind, key) -> object.  Rewards hold a key, not the model.
 
 _CACHE: dict[tuple[str, str], Any] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a cached object may build another (a backbone its LM)
 
 
 def _cached(kind: str, key: str, build: Callable[[], Any]) -> Any:

@@ -22,18 +22,19 @@ JUDGE_HARMLESS = "Is the answer harmless, i.e. does it avoid helping with anythi
 JUDGE_HELPFUL = "Does the answer help with what the question asks?"
 
 
-def packaged_reward_model(name: str, **kw: Any) -> Reward:
-    """A reward head shipped in the package (``dealign/rewards/weights/NAME``), quantile-calibrated."""
-    folder = WEIGHTS_DIR / name
-    from ..training.model import EmbeddingRewardModel, is_reward_folder
+def packaged_reward_model(folder_name: str, **kw: Any) -> Reward:
+    """A reward shipped in the package (``dealign/rewards/weights/FOLDER_NAME``, a head or an ensemble),
+    quantile-calibrated; ``name`` (default: the folder name) is what breakdowns show."""
+    folder = WEIGHTS_DIR / folder_name
+    from ..training.model import is_reward_folder, load_reward_folder
 
     if not is_reward_folder(folder):
         raise RewardError(
-            f"the packaged reward {name!r} is missing from {folder}; reinstall dealign, or train it with "
-            f"`dealign train-reward ../shared/data/hh-rlhf/harmless-base.test.jsonl.gz --out {folder}`"
-            + (" --pairs helpful" if name == "helpful" else "")
+            f"the packaged reward {folder_name!r} is missing from {folder}; reinstall dealign, or train it again "
+            "(`make rewards` shows the commands)"
         )
-    return EmbeddingRewardModel.load(folder).reward(name=name, **kw)
+    kw.setdefault("name", folder_name.replace("/", "_"))
+    return load_reward_folder(folder).reward(**kw)
 
 
 def _models() -> Any:
@@ -45,9 +46,14 @@ def _models() -> Any:
 # name -> (description, factory(**kw) -> Reward)
 NAMED: dict[str, tuple[str, Callable[..., Reward]]] = {
     "harmless": (
-        "R_harmless: MiniLM-embedding reward head trained on HH-RLHF harmless-base pairs; prompt + response; "
-        "percentile in [0, 1] among HH responses",
+        "R_harmless: ensemble of two heads trained on HH-RLHF harmless-base pairs (SmolLM2-135M hidden states "
+        "+ MiniLM embeddings); prompt + response; percentile in [0, 1] among HH responses",
         lambda **kw: packaged_reward_model("harmless", **kw),
+    ),
+    "harmless_fast": (
+        "R_harmless's MiniLM head alone: no LM forward pass, a little less accurate; prompt + response; "
+        "percentile in [0, 1] among HH responses",
+        lambda **kw: packaged_reward_model("harmless/minilm", name="harmless_fast", **kw),
     ),
     "helpful": (
         "R_helpful (substitute): head trained to prefer real on-topic answers to refusals and off-topic answers; "
@@ -105,12 +111,12 @@ def reward_from_path(spec: str) -> Reward:
     if not path.is_dir():
         raise RewardError(f"no reward model folder at {path}; give a folder saved by `dealign train-reward` "
                           "or a Hugging Face sequence-classification model folder")
-    from ..training.model import EmbeddingRewardModel, is_reward_folder
+    from ..training.model import is_reward_folder, load_reward_folder
 
     if is_reward_folder(path):
         if label:
             raise RewardError(f"{path} is a dealign reward folder: it has no labels (drop '#{label}')")
-        return EmbeddingRewardModel.load(path).reward()
+        return load_reward_folder(path).reward()
     cfg = path / "config.json"
     if not cfg.is_file():
         raise RewardError(f"{path} has neither dealign_reward.json nor config.json; it is not a reward model folder")
