@@ -42,13 +42,16 @@ test-all: setup
 	$(BIN)/python -m pytest -q -m ''
 
 ## The evaluation tasks on the default model, full size, each task with its own strategies (see `dealign eval --help`;
-## about 1.5 hours on 2 cores; not part of `make test`; the README's Results are one run of it).
+## about 2.5 hours on 2 cores; not part of `make test`; the README's Results and R_harmless figures are runs of it).
 eval: setup
 	$(BIN)/dealign eval keywords --n 50 --out runs/final/keywords
 	$(BIN)/dealign eval length --n 30 --out runs/final/length
 	$(BIN)/dealign eval harmless --n 30 --strategies greedy,prompt,best-of-n,deal-segment,prompt+deal --out runs/final/harmless
 	$(BIN)/dealign eval tradeoff --n 30 --out runs/final/tradeoff
 	$(BIN)/dealign eval jailbreak --n 30 --out runs/final/jailbreak
+	$(BIN)/python -m dealign.evaluation.harmless pairs --out runs/final/pairs
+	$(BIN)/python -m dealign.evaluation.harmless harmfulq --n 30 --methods greedy,best-of-8,deal-segment --out runs/final/harmfulq
+	$(BIN)/python -m dealign.evaluation.harmless cost --n 4 --out runs/final/cost
 
 ## Retrain the reward heads shipped in the package (fixed seed; R_harmless ~10 min on 2 cores, most of it
 ## SmolLM2 features, cached afterwards). Not needed to use dealign: the trained heads ship with it.

@@ -198,15 +198,25 @@ def test_lm_backbone_reads_each_step_from_the_beams_it_extends(tiny_model_dir):
     step1 = ["runs", "runs to", "sleeps", "sleeps on the mat", "eats"]
     step2 = ["runs to the park", "runs to a", "runs fast", "sleeps on the mat now", "sleeps on", "eats eats", "the cat"]
     step3 = ["runs to the park and back", "sleeps on the mat now and then", "runs to the park", "", "eats eats a lot"]
-    real = bb._hidden
-    fed = []
+    model = bb.model
+    fed, forwards = [], []
     for step in (step1, step2, step3):
         calls = []
-        bb._hidden = lambda ids, mask, cache=None: calls.append(tuple(ids.shape)) or real(ids, mask, cache)
+
+        class Recording:  # counts the forwards of one step and the positions they feed
+            config = model.config
+
+            def __call__(self, **kw):
+                calls.append(tuple(kw["input_ids"].shape))
+                return model(**kw)
+
+        bb.model = Recording()
         got = bb.features([prompt] * len(step), step)
-        bb._hidden = real
+        bb.model = model
         assert torch.allclose(got, whole_rows(bb, prompt, step), atol=1e-4)
         fed.append(sum(rows * width for rows, width in calls))
+        forwards.append(len(calls))
+    assert forwards == [2, 1, 1]  # the prompt once, then one forward per step for all of its candidates
     assert bb._states[prompt].reads
     # later steps feed only what is new: fewer positions than their responses' tokens
     full = [sum(len(bb._response_ids(r)) for r in set(step)) for step in (step2, step3)]

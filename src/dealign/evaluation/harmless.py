@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     h = sub.add_parser("harmfulq", help="greedy vs best-of-8 vs DeAL on HarmfulQ, judged independently")
     h.add_argument("--n", type=int, default=30)
     h.add_argument("--max-new-tokens", type=int, default=64)
-    h.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    h.add_argument("--methods", default="greedy,best-of-8,deal-segment",
+                   help=f"comma-separated, from: {', '.join(METHODS)} (deal-token scores 64 steps per answer: slow)")
     h.add_argument("--model", default=None)
     c = sub.add_parser("cost", help="seconds per answer: greedy, DeAL with harmless_fast / harmless (incremental, naive)")
     c.add_argument("--n", type=int, default=4)

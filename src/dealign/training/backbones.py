@@ -9,8 +9,10 @@ Two kinds, both mapping (prompt, response) pairs to one feature row each:
   (its last ``prompt_tokens`` tokens) followed by the response (its first ``response_tokens`` tokens); the
   row is one hidden layer mean-pooled over the response tokens.  It reads the response *in the context*
   of the question, which is what makes it a better harmlessness signal, at the cost of an LM forward
-  pass over every scored response.  A search step scores many candidates for one prompt: the prompt is
-  then read once and its KV cache forked into every row, so each row costs only its response tokens.
+  pass over every scored response.  A search step scores many candidates for one prompt, each extending a
+  beam of the step before: the prompt is read once, each candidate continues from the longest prefix
+  already read (its keys/values kept), and all of a step's candidates share one forward, so a step costs
+  one forward over the new tokens only.
 
 Both memoise rows by input, so a search that rescores the same candidate costs nothing extra.
 """
@@ -39,11 +41,11 @@ KEEP_READS = 32  # per prompt: the last step's candidates (what the next step ex
 
 @dataclass
 class _Read:
-    """A response read after the prompt: its token ids, the cache after them (batch 1), and the
-    pooled layer's state at each of its tokens."""
+    """A response read after the prompt: its token ids, each layer's keys and values over prompt + ids
+    (batch 1), and the pooled layer's state at each of its tokens."""
 
     ids: tuple[int, ...]
-    cache: Any
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, heads, positions, head_dim] each
     hidden: torch.Tensor  # [len(ids), dim]
 
 
@@ -61,12 +63,6 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-def _cut(cache: Any, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 def length_feature(responses: Sequence[str]) -> torch.Tensor:
@@ -132,6 +128,7 @@ class LMBackbone:
         self._lock = threading.Lock()
         self._states: dict[str, _PromptState] = {}  # insertion order = least recently used first
         self.incremental = True  # False: every row read from scratch (the reference the benchmark compares)
+        self._plain_cache: bool | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -198,7 +195,8 @@ class LMBackbone:
             head = self._prompt_ids(prompt)
             ids = torch.tensor([head], dtype=torch.long)
             hidden, cache = self._hidden(ids, torch.ones_like(ids), DynamicCache(config=self.model.config))
-            st = _PromptState(len(head), hidden[0, -1], _Read((), cache, hidden[0, :0]))
+            kv = [(layer.keys, layer.values) for layer in getattr(cache, "layers", [])]
+            st = _PromptState(len(head), hidden[0, -1], _Read((), kv, hidden[0, :0]))
         self._states[prompt] = st
         while len(self._states) > KEEP_PROMPTS:
             self._states.pop(next(iter(self._states)))
@@ -207,13 +205,12 @@ class LMBackbone:
     def _incremental(self, prompt: str, responses: list[str]) -> list[torch.Tensor]:
         """A search step's candidates for one prompt.  The prompt is read once; each response continues
         from the longest token prefix already read for this prompt (the beam it extends, kept from the
-        previous step with its cache and per-token states), so a step costs only the new tokens."""
-        from ..backends.hf import fork_cache
-
+        previous step with its keys/values and per-token states), so a step costs only the new tokens, and
+        all of a step's candidates go through one forward (``batch_size`` rows at a time)."""
         st = self._prompt_state(prompt)
         bodies = [tuple(self._response_ids(r)) for r in responses]
         out: list[torch.Tensor | None] = [None] * len(responses)
-        groups: dict[tuple[int, int], list[int]] = {}
+        todo: list[tuple[int, _Read, int]] = []  # (response, the read it extends, tokens of it kept)
         sources: dict[int, _Read] = {}
         kept: list[_Read] = []
         for i, body in enumerate(bodies):
@@ -230,34 +227,70 @@ class LMBackbone:
                 kept.append(best)
                 continue
             sources[id(best)] = best
-            groups.setdefault((id(best), k), []).append(i)
+            todo.append((i, best, k))
+        todo.sort(key=lambda row: row[2])  # similar pasts share a forward: little padding
         fresh: list[_Read] = []
-        for (src_id, k), members in groups.items():
-            src = sources[src_id]
-            for s in range(0, len(members), self.batch_size):
-                idx = members[s : s + self.batch_size]
-                past = fork_cache(src.cache, torch.zeros(len(idx), dtype=torch.long, device=self.device))
-                _cut(past, st.n_head + k)
-                new_ids, new_mask = self._padded([list(bodies[i][k:]) for i in idx])
-                mask = torch.cat([torch.ones((len(idx), st.n_head + k), dtype=torch.long), new_mask], dim=1)
-                hidden, cache = self._hidden(new_ids, mask, past)
-                for j, i in enumerate(idx):
-                    n_new = int(new_mask[j].sum())
-                    states = torch.cat([src.hidden[:k], hidden[j, :n_new]])
-                    out[i] = states.mean(0)
-                    row = fork_cache(cache, torch.tensor([j], device=self.device))
-                    _cut(row, st.n_head + k + n_new)
-                    fresh.append(_Read(bodies[i], row, states))
-            kept.append(src)
+        for s in range(0, len(todo), self.batch_size):
+            fresh += self._continue(st, todo[s : s + self.batch_size], bodies, out)
+        kept += list(sources.values())
         if fresh or kept:  # what the next step extends: this step's texts and the prefixes they came from
             st.reads = list({id(r): r for r in kept + fresh if r is not st.root}.values())[-KEEP_READS:]
         return out  # type: ignore[return-value]
+
+    def _has_plain_cache(self) -> bool:
+        """Incremental reading needs a cache of plain keys and values per layer (not a recurrent state or a
+        sliding window shorter than a prompt plus a response); other LMs read every row from scratch."""
+        if self._plain_cache is None:
+            from transformers import DynamicCache
+
+            layers = getattr(DynamicCache(config=self.model.config), "layers", None)
+            window = getattr(self.model.config, "sliding_window", None) or 0
+            self._plain_cache = bool(layers) and all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers) \
+                and (not window or window >= self.prompt_tokens + self.response_tokens)
+        return self._plain_cache
+
+    def _continue(self, st: "_PromptState", rows: list[tuple[int, "_Read", int]], bodies: list[tuple[int, ...]],
+                  out: list[torch.Tensor | None]) -> list["_Read"]:
+        """One forward for ``rows`` = (response index, the read it extends, tokens of it kept): each row's
+        past (prompt + kept tokens) is left-padded to the longest, its new tokens right-padded, and fed at
+        its own positions.  Fills ``out`` and returns the new reads."""
+        from transformers import DynamicCache
+
+        past = [st.n_head + k for _, _, k in rows]
+        width = max(past)
+        new_ids, new_mask = self._padded([list(bodies[i][k:]) for i, _, k in rows])
+        mask = torch.zeros((len(rows), width + new_ids.shape[1]), dtype=torch.long)
+        for j, n in enumerate(past):
+            mask[j, width - n : width] = 1
+        mask[:, width:] = new_mask
+        positions = torch.tensor(past)[:, None] + torch.arange(new_ids.shape[1])[None, :]
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(rows[0][1].kv)):
+            keys, values = [], []
+            for (_, src, _), n in zip(rows, past):
+                k_src, v_src = src.kv[layer]
+                keys.append(torch.nn.functional.pad(k_src[:, :, :n], (0, 0, width - n, 0)))
+                values.append(torch.nn.functional.pad(v_src[:, :, :n], (0, 0, width - n, 0)))
+            cache.update(torch.cat(keys), torch.cat(values), layer)
+        result = self.model(input_ids=new_ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), cache=cache, use_cache=True, output_hidden_states=True)
+        hidden = result.hidden_states[self.layer].float().cpu()
+        layers = (getattr(result, "cache", None) or cache).layers
+        fresh = []
+        for j, ((i, src, k), n) in enumerate(zip(rows, past)):
+            n_new = int(new_mask[j].sum())
+            states = torch.cat([src.hidden[:k], hidden[j, :n_new]])
+            out[i] = states.mean(0)
+            kv = [(lay.keys[j : j + 1, :, width - n : width + n_new], lay.values[j : j + 1, :, width - n : width + n_new])
+                  for lay in layers]
+            fresh.append(_Read(bodies[i], kv, states))
+        return fresh
 
     def _compute(self, pairs: list[tuple[str, str]], progress: bool) -> list[torch.Tensor]:
         by_prompt: dict[str, list[int]] = {}
         for i, (p, _) in enumerate(pairs):
             by_prompt.setdefault(p, []).append(i)
-        share_from = SHARE_FROM if self.incremental else len(pairs) + 1
+        share_from = SHARE_FROM if self.incremental and self._has_plain_cache() else len(pairs) + 1
         many = [(p, idx) for p, idx in by_prompt.items() if len(idx) >= share_from]
         few = sorted((i for idx in by_prompt.values() if len(idx) < share_from for i in idx),
                      key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # similar lengths: little padding
