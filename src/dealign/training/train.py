@@ -152,6 +152,68 @@ def _fit_head(fit: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, t
     return head.eval(), losses, best[2]
 
 
+@dataclass
+class _Member:
+    """A head trained for an ensemble (or alone): its folder name, the model, its raw scores on every
+    part of the data (chosen, rejected) and its figures."""
+
+    folder: str
+    model: EmbeddingRewardModel
+    scores: dict[str, tuple[list[float], list[float]]]
+    figures: dict[str, Any]
+
+
+def _train_member(spec: str, folder: str, parts: dict[str, list[Pair]], about: dict[str, Any], counts: dict[str, Any],
+                  *, hidden: int | None, weight_decay: float | None, dropout: float, progress: bool,
+                  **fit_kw: Any) -> _Member:
+    """One head on backbone ``spec``: features of every part, Bradley–Terry fit, figures, calibration."""
+    bb = backbone_of(spec)
+    rows = {k: pair_features(bb, v, progress) for k, v in parts.items() if v}
+    h = HEAD_DEFAULTS[bb.kind]["hidden"] if hidden is None else hidden
+    wd = HEAD_DEFAULTS[bb.kind]["weight_decay"] if weight_decay is None else weight_decay
+    head, losses, best_epoch = _fit_head(rows["fit"], rows.get("val"), kind=bb.kind, hidden=h, dropout=dropout,
+                                         weight_decay=wd, progress=progress, desc=f"train-reward {spec}", **fit_kw)
+    with torch.no_grad():
+        scores = {k: (head(c).tolist(), head(r).tolist()) for k, (c, r) in rows.items()}
+    figures = {"backbone": spec, "train_accuracy": round(pairwise_accuracy(*scores["fit"]), 4),
+               "heldout_accuracy": round(pairwise_accuracy(*scores["held"]), 4), "epochs": best_epoch,
+               "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+               "losses": [round(x, 4) for x in losses]}
+    config = dict(about, backbone=spec, features=bb.settings, in_features=bb.in_features, dim=bb.dim, hidden=h,
+                  dropout=dropout, weight_decay=wd,
+                  metrics=dict(counts, **{k: v for k, v in figures.items() if k not in ("backbone", "losses")}))
+    cal = Calibration.fit(scores["reference"][0] + scores["reference"][1], "quantile",
+                          reference=f"training responses of {about['split']['data']} ({counts['pairs']} pairs)")
+    return _Member(folder, EmbeddingRewardModel(head, config, cal), scores, figures)
+
+
+def _ensemble(members: list[_Member], weights: Sequence[float] | None, about: dict[str, Any],
+              counts: dict[str, Any]) -> EnsembleRewardModel:
+    """The members' standardised scores averaged with ``weights`` (normalised; equal by default), with its
+    own figures and calibration computed from the members' cached scores."""
+    total = sum(weights) if weights is not None else float(len(members))
+    ws = [w / total for w in weights] if weights is not None else [1.0 / len(members)] * len(members)
+
+    def mix(part: str, side: int) -> list[float]:
+        out = [0.0] * len(members[0].scores[part][side])
+        for m, w in zip(members, ws):
+            cal = m.model.calibration
+            assert cal is not None
+            for i, s in enumerate(m.scores[part][side]):
+                out[i] += w * (s - cal.mean) / cal.std
+        return out
+
+    metrics = dict(counts, train_accuracy=round(pairwise_accuracy(mix("fit", 0), mix("fit", 1)), 4),
+                   heldout_accuracy=round(pairwise_accuracy(mix("held", 0), mix("held", 1)), 4),
+                   members=[dict({k: v for k, v in m.figures.items() if k != "losses"}, folder=m.folder,
+                                 weight=round(w, 4)) for m, w in zip(members, ws)])
+    config = dict(about, combine="sum of weight * (raw - mean) / std over members (mean, std on training responses)",
+                  metrics=metrics)
+    cal = Calibration.fit(mix("reference", 0) + mix("reference", 1), "quantile",
+                          reference=f"training responses of {about['split']['data']} ({counts['pairs']} pairs)")
+    return EnsembleRewardModel([(m.folder, m.model, w) for m, w in zip(members, ws)], config, cal)
+
+
 def _member_folder(spec: str, taken: set[str]) -> str:
     base = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(spec).stem or spec) or "member"
     name, i = base, 2
@@ -225,66 +287,28 @@ def train_reward(
     split = {"data": Path(str(data)).name, "holdout": holdout, "seed": seed, "pairs": pairs, "limit": limit}
     base_name = name or ("helpful" if pairs == "helpful" else Path(str(out or "reward")).name)
 
+    about = {"scores": "prompt (last user turn) + response", "split": split}
+    counts = {"pairs": pairs, "train_pairs": len(train), "heldout_pairs": len(held)}
+    fit_kw = dict(hidden=hidden, weight_decay=weight_decay, dropout=dropout, lr=lr, epochs=epochs,
+                  batch_size=batch_size, patience=patience, seed=seed, progress=progress)
     taken: set[str] = set()
-    members: list[tuple[str, EmbeddingRewardModel, dict[str, tuple[list[float], list[float]]], dict[str, Any]]] = []
+    members = []
     for spec in specs:
-        bb = backbone_of(spec)
-        log(f"features of {len(train) + len(held)} pairs from {spec} ({bb.kind}; cached after the first run) ...")
-        rows = {k: pair_features(bb, v, progress) for k, v in parts.items() if v}
-        h = HEAD_DEFAULTS[bb.kind]["hidden"] if hidden is None else hidden
-        wd = HEAD_DEFAULTS[bb.kind]["weight_decay"] if weight_decay is None else weight_decay
-        head, losses, best_epoch = _fit_head(
-            rows["fit"], rows.get("val"), kind=bb.kind, hidden=h, dropout=dropout, lr=lr, weight_decay=wd,
-            epochs=epochs, batch_size=batch_size, patience=patience, seed=seed, progress=progress,
-            desc=f"train-reward {spec}")
-        with torch.no_grad():
-            scores = {k: (head(c).tolist(), head(r).tolist()) for k, (c, r) in rows.items()}
-        figures = {"backbone": spec, "train_accuracy": round(pairwise_accuracy(*scores["fit"]), 4),
-                   "heldout_accuracy": round(pairwise_accuracy(*scores["held"]), 4), "epochs": best_epoch,
-                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-                   "losses": [round(x, 4) for x in losses]}
+        log(f"features of {len(train) + len(held)} pairs from {spec} (cached after the first run) ...")
         folder = _member_folder(spec, taken)
-        config = {
-            "name": base_name if len(specs) == 1 else f"{base_name}_{folder}",
-            "backbone": spec, "features": bb.settings, "in_features": bb.in_features,
-            "dim": bb.dim, "hidden": h, "dropout": dropout, "weight_decay": wd,
-            "scores": "prompt (last user turn) + response", "split": split,
-            "metrics": {"pairs": pairs, "train_pairs": len(train), "heldout_pairs": len(held),
-                        **{k: v for k, v in figures.items() if k not in ("backbone", "losses")}},
-        }
-        ref = scores["reference"][0] + scores["reference"][1]
-        cal = Calibration.fit(ref, "quantile", reference=f"training responses of {split['data']} ({pairs} pairs)")
-        members.append((folder, EmbeddingRewardModel(head, config, cal), scores, figures))
+        member_name = base_name if len(specs) == 1 else f"{base_name}_{folder}"
+        members.append(_train_member(spec, folder, parts, dict(about, name=member_name), counts, **fit_kw))
 
     if len(members) == 1:
-        _, model, _, figures = members[0]
+        model, figures = members[0].model, members[0].figures
         train_acc, held_acc = figures["train_accuracy"], figures["heldout_accuracy"]
         losses, best_epoch = figures["losses"], figures["epochs"]
         member_figures: list[dict[str, Any]] = []
     else:
-        total = sum(weights) if weights is not None else float(len(members))
-        ws = [w / total for w in weights] if weights is not None else [1.0 / len(members)] * len(members)
-
-        def mix(part: str, side: int) -> list[float]:
-            out = [0.0] * len(members[0][2][part][side])
-            for (_, m, sc, _), w in zip(members, ws):
-                assert m.calibration is not None
-                for i, s in enumerate(sc[part][side]):
-                    out[i] += w * (s - m.calibration.mean) / m.calibration.std
-            return out
-
-        train_acc = round(pairwise_accuracy(mix("fit", 0), mix("fit", 1)), 4)
-        held_acc = round(pairwise_accuracy(mix("held", 0), mix("held", 1)), 4)
+        model = _ensemble(members, weights, dict(about, name=base_name), counts)
+        train_acc, held_acc = model.config["metrics"]["train_accuracy"], model.config["metrics"]["heldout_accuracy"]
         losses, best_epoch = [], 0
-        member_figures = [dict({k: v for k, v in f.items() if k != "losses"}, folder=folder, weight=round(w, 4))
-                          for (folder, _, _, f), w in zip(members, ws)]
-        config = {"name": base_name, "scores": "prompt (last user turn) + response", "split": split,
-                  "combine": "sum of weight * (raw - mean) / std over members (mean, std on training responses)",
-                  "metrics": {"pairs": pairs, "train_pairs": len(train), "heldout_pairs": len(held),
-                              "train_accuracy": train_acc, "heldout_accuracy": held_acc, "members": member_figures}}
-        cal = Calibration.fit(mix("reference", 0) + mix("reference", 1), "quantile",
-                              reference=f"training responses of {split['data']} ({pairs} pairs)")
-        model = EnsembleRewardModel([(f, m, w) for (f, m, _, _), w in zip(members, ws)], config, cal)
+        member_figures = model.config["metrics"]["members"]
 
     report = TrainReport(
         data=str(data), pairs=pairs, train_pairs=len(train), heldout_pairs=len(held),
