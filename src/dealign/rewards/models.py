@@ -69,6 +69,31 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def right_padded(rows: Sequence[Sequence[int]], pad: int):
+    """Token-id rows as one right-padded batch: (ids, attention mask), both ``[rows, longest]`` long tensors."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[j, : len(r)] = 1
+    return ids, mask
+
+
+def memoised(memo: dict, keys: Sequence[Any], compute: Callable[[list], Sequence[Any]], size: int) -> list[Any]:
+    """The value of every key, computing (once each, in one call) only the keys ``memo`` lacks; the memo is
+    emptied first when it would grow past ``size``."""
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))
+    if todo:
+        got = list(compute(todo))
+        if len(memo) + len(todo) > size:
+            memo.clear()
+        memo.update(zip(todo, got))
+    return [memo[k] for k in keys]
+
+
 def _local_model(spec: str | os.PathLike) -> tuple[str, dict]:
     """A model argument -> (where, from_pretrained kwargs): a folder as is, a hub id offline only."""
     path = Path(spec).expanduser()
@@ -270,18 +295,14 @@ class Embedder:
     def encode(self, texts: Sequence[str], progress: bool = False):
         import torch
 
-        todo = list(dict.fromkeys(t for t in texts if t not in self.memo))
-        if todo:
+        def compute(todo: list[str]):
             with torch.inference_mode():
-                got = self.model.encode(todo, batch_size=self.batch_size, convert_to_tensor=True,
-                                        normalize_embeddings=True, show_progress_bar=progress)
-            if len(self.memo) + len(todo) > self.memo_size:
-                self.memo.clear()
-            for t, e in zip(todo, got.float().cpu()):
-                self.memo[t] = e
+                return self.model.encode(todo, batch_size=self.batch_size, convert_to_tensor=True,
+                                         normalize_embeddings=True, show_progress_bar=progress).float().cpu()
+
         if not texts:
             return torch.zeros(0, self.dim)
-        return torch.stack([self.memo[t] for t in texts])
+        return torch.stack(memoised(self.memo, texts, compute, self.memo_size))
 
 
 def embedder(model: str | os.PathLike | None = None, device: str = "cpu") -> Embedder:
@@ -454,12 +475,7 @@ class _Judge:
         out = [0.0] * len(ids)
         for idx in _batches(len(ids), batch_size):
             rows = [ids[order[i]] for i in idx]
-            width = max(len(r) for r in rows)
-            inp = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):
-                inp[j, : len(r)] = torch.tensor(r)
-                mask[j, : len(r)] = 1
+            inp, mask = right_padded(rows, pad)
             with torch.inference_mode():
                 logits = self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device)).logits
             last = logits[torch.arange(len(rows)), mask.sum(1).to(self.device) - 1].float()

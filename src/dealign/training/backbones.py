@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from ..rewards.base import RewardError
-from ..rewards.models import _cached, embedder
+from ..rewards.models import _cached, embedder, memoised, right_padded
 
 SENTENCE_DEFAULT = "minilm"  # the packaged all-MiniLM-L6-v2
 LM_DEFAULT = "smollm2"  # the packaged SmolLM2-135M-Instruct
@@ -157,14 +157,7 @@ class LMBackbone:
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[j, : len(r)] = 1
-        return ids, mask
+        return right_padded(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         kw = {"cache": cache, "use_cache": True} if cache is not None else {}
@@ -195,7 +188,7 @@ class LMBackbone:
             head = self._prompt_ids(prompt)
             ids = torch.tensor([head], dtype=torch.long)
             hidden, cache = self._hidden(ids, torch.ones_like(ids), DynamicCache(config=self.model.config))
-            kv = [(layer.keys, layer.values) for layer in getattr(cache, "layers", [])]
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
             st = _PromptState(len(head), hidden[0, -1], _Read((), kv, hidden[0, :0]))
         self._states[prompt] = st
         while len(self._states) > KEEP_PROMPTS:
@@ -290,9 +283,10 @@ class LMBackbone:
         by_prompt: dict[str, list[int]] = {}
         for i, (p, _) in enumerate(pairs):
             by_prompt.setdefault(p, []).append(i)
-        share_from = SHARE_FROM if self.incremental and self._has_plain_cache() else len(pairs) + 1
-        many = [(p, idx) for p, idx in by_prompt.items() if len(idx) >= share_from]
-        few = sorted((i for idx in by_prompt.values() if len(idx) < share_from for i in idx),
+        incremental = self.incremental and self._has_plain_cache()
+        many = [(p, idx) for p, idx in by_prompt.items() if incremental and len(idx) >= SHARE_FROM]
+        shared = {p for p, _ in many}
+        few = sorted((i for p, idx in by_prompt.items() if p not in shared for i in idx),
                      key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # similar lengths: little padding
         batches = [(p, idx) for p, idx in many] + [(None, few[s : s + self.batch_size])
                                                    for s in range(0, len(few), self.batch_size)]
@@ -312,13 +306,7 @@ class LMBackbone:
         if not keys:
             return torch.zeros(0, self.dim)
         with self._lock:  # the server may score from several threads; one forward at a time
-            todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
-            if todo:
-                got = self._compute(todo, progress)
-                if len(self.memo) + len(todo) > self.memo_size:
-                    self.memo.clear()
-                self.memo.update(zip(todo, got))
-            return torch.stack([self.memo[k] for k in keys])
+            return torch.stack(memoised(self.memo, keys, lambda todo: self._compute(todo, progress), self.memo_size))
 
 
 def is_lm_spec(spec: str | None) -> bool:

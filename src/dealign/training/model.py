@@ -149,14 +149,18 @@ class EnsembleRewardModel(_FolderModel):
         self.config = config
         self.calibration = calibration
 
-    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        total = [0.0] * len(responses)
-        for _, member, weight in self.members:
+    def combine(self, member_scores: Sequence[Sequence[float]]) -> list[float]:
+        """The ensemble's raw scores from each member's raw scores of the same texts (members in order)."""
+        total = [0.0] * len(member_scores[0])
+        for (_, member, weight), scores in zip(self.members, member_scores):
             cal = member.calibration
-            assert cal is not None
-            for i, s in enumerate(member.raw_scores(prompts, responses)):
+            assert cal is not None  # checked in __init__
+            for i, s in enumerate(scores):
                 total[i] += weight * (s - cal.mean) / cal.std
         return total
+
+    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.combine([member.raw_scores(prompts, responses) for _, member, _ in self.members])
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

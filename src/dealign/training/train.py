@@ -193,25 +193,20 @@ def _ensemble(members: list[_Member], weights: Sequence[float] | None, about: di
     own figures and calibration computed from the members' cached scores."""
     total = sum(weights) if weights is not None else float(len(members))
     ws = [w / total for w in weights] if weights is not None else [1.0 / len(members)] * len(members)
+    ensemble = EnsembleRewardModel([(m.folder, m.model, w) for m, w in zip(members, ws)], {})
 
-    def mix(part: str, side: int) -> list[float]:
-        out = [0.0] * len(members[0].scores[part][side])
-        for m, w in zip(members, ws):
-            cal = m.model.calibration
-            assert cal is not None
-            for i, s in enumerate(m.scores[part][side]):
-                out[i] += w * (s - cal.mean) / cal.std
-        return out
+    def mix(part: str, side: int) -> list[float]:  # from the members' scores already computed in training
+        return ensemble.combine([m.scores[part][side] for m in members])
 
     metrics = dict(counts, train_accuracy=round(pairwise_accuracy(mix("fit", 0), mix("fit", 1)), 4),
                    heldout_accuracy=round(pairwise_accuracy(mix("held", 0), mix("held", 1)), 4),
                    members=[dict({k: v for k, v in m.figures.items() if k != "losses"}, folder=m.folder,
                                  weight=round(w, 4)) for m, w in zip(members, ws)])
-    config = dict(about, combine="sum of weight * (raw - mean) / std over members (mean, std on training responses)",
-                  metrics=metrics)
-    cal = Calibration.fit(mix("reference", 0) + mix("reference", 1), "quantile",
-                          reference=f"training responses of {about['split']['data']} ({counts['pairs']} pairs)")
-    return EnsembleRewardModel([(m.folder, m.model, w) for m, w in zip(members, ws)], config, cal)
+    ensemble.config = dict(about, combine="sum of weight * (raw - mean) / std over members (mean, std on training "
+                           "responses)", metrics=metrics)
+    ensemble.calibration = Calibration.fit(mix("reference", 0) + mix("reference", 1), "quantile",
+                                           reference=f"training responses of {about['split']['data']} ({counts['pairs']} pairs)")
+    return ensemble
 
 
 def _member_folder(spec: str, taken: set[str]) -> str:
