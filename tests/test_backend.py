@@ -180,14 +180,14 @@ def test_commit_rejects_keep_out_of_range(fast, prompt_ids):
 
 def test_forking_leaves_the_parent_cache_untouched(fast, prompt_ids):
     beam = fast.prefill(prompt_ids)
-    state_len = beam.state.get_seq_length()
+    state_len = beam.state.kv.get_seq_length()
     forced = top_tokens(beam, [0, 0], [0, 1])
     first = fast.rollout(beam, [0, 0], forced, 5, feed_last=True)
     # commits crop a fork of the rollout's cache, not the rollout's cache itself
     fast.commit(first, [0], 1)
     fast.commit(first, [1, 0], first.n_fed)
     second = fast.rollout(beam, [0, 0], forced, 5, feed_last=True)
-    assert beam.state.get_seq_length() == state_len
+    assert beam.state.kv.get_seq_length() == state_len
     assert torch.equal(first.tokens, second.tokens)
     assert torch.equal(first.logprobs, second.logprobs)
     # the rollout's own cache survived both commits: committing again still gives the right beam

@@ -22,12 +22,18 @@ def test_keywords_task_writes_rows_summary_plot_and_report(tmp_path, tiny_model_
     for t in table:
         assert t["n"] == 2 and 0 <= t["soft"] <= 1 and 0 <= t["hard_finished"] <= t["hard"] <= 1
         assert t["seconds"] > 0 and t["nll"] > 0 and t["bleu4"] >= 0 and 0 <= t["rougeL"] <= 1
+        assert 0 <= t["hard_sentence"] <= min(t["hard_finished"], t["sentence"]) <= 1
     assert table[0]["x_greedy"] == 1.0
     rows = [json.loads(line) for line in (tmp_path / "output.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(("instruction" in r) == (r["method"] == "prompt") for r in rows)
     assert (tmp_path / "keywords_quality_vs_seconds.png").stat().st_size > 1000
+    assert (tmp_path / "keywords_sentence_form.png").stat().st_size > 1000
+    metrics = [json.loads(line)["metrics"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:  # per answer: the headline is the conjunction of its parts
+        assert m["hard_sentence"] == float(m["hard_finished"] == 1.0 and m["sentence"] == 1.0)
     report = (tmp_path / "report.md").read_text()
+    assert "finished ∧ every keyword ∧ sentence" in report and "keywords_sentence_form.png" in report
     assert "keywords_quality_vs_seconds.png" in report and "| greedy |" in report and "torch" in report
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["seed"] == 0 and config["strategies"]["deal"]["strategy"] == "deal"
@@ -47,7 +53,8 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, tiny_model_dir)
 def test_length_task_measures_the_limit(tmp_path, tiny_model_dir):
     table = _run("length", tmp_path, tiny_model_dir, ["greedy", "deal"], n=3)
     for t in table:
-        assert 0 <= t["within_limit"] <= 1 and t["overshoot"] >= 0 and 0 <= t["topic"] <= 1
+        assert 0 <= t["within_limit"] <= 1 and t["overshoot"] >= 0 and 0 <= t["topic"] <= 1 and 0 <= t["sentence"] <= 1
+    assert (tmp_path / "length_sentence_form.png").stat().st_size > 1000
     rows = LENGTH.rows(3, ["deal"], 6)
     assert [r["max_words"] for r in rows] == [5, 8, 12]
     assert all(f"at most {r['max_words']} words" in r["prompt"] for r in rows)
@@ -161,3 +168,14 @@ def test_search_settings_per_strategy(tmp_path, tiny_model_dir):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, packaged_rewards="0" * 16)))
     with pytest.raises(UsageError, match="other packaged reward heads.*--fresh"):
         _run("keywords", tmp_path, tiny_model_dir, ["greedy", "deal", "best-of-n"], n=1, settings=["deal.lookahead=3"])
+
+
+def test_a_judge_that_cannot_be_loaded_is_a_one_line_error_before_the_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from dealign.cli.main import app
+
+    res = CliRunner().invoke(app, ["eval", "keywords", "--n", "1", "--out", str(tmp_path / "run"),
+                                   "--judge", str(tmp_path / "no-such-model")])
+    assert res.exit_code == 1 and "--judge" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "output.jsonl").exists()

@@ -51,6 +51,29 @@ def test_deal_covers_more_keywords_than_greedy_on_commongen(smol):
     assert deal_hard_finished >= 7  # the issue's bar: finished hard coverage >= 0.70
 
 
+def test_the_fluent_objective_writes_more_real_sentences_without_losing_keywords(smol):
+    """Issue 11: today's defaults (lam 20, no fluency term, coverage alone) against the new ones (the
+    aligner's fluency term and lam, keyword coverage + well_formed, as `dealign generate --keywords`
+    builds it), judged by the spaCy sentence judge that no reward uses."""
+    from dealign.evaluation.sentence import judge_sentence
+    from dealign.rewards import from_options
+
+    old_sent = new_sent = old_hard = new_hard = 0
+    for cs in commongen(10):
+        old = smol.generate(cs.prompt, reward=keywords(cs.keywords), strategy="deal", lam=20.0, fluency=0.0, max_new_tokens=32)
+        new = smol.generate(cs.prompt, reward=from_options(keywords=cs.keywords), strategy="deal", max_new_tokens=32)
+        for res, tag in ((old, "old"), (new, "new")):
+            sentence = judge_sentence(res.text, cs.keywords)["sentence"]
+            hard = keyword_coverage(res.text, cs.keywords) == 1 and res.finished
+            if tag == "old":
+                old_sent, old_hard = old_sent + sentence, old_hard + hard
+            else:
+                new_sent, new_hard = new_sent + sentence, new_hard + hard
+        assert new.fluency < 0 and old.fluency == 0.0
+    assert new_sent > old_sent
+    assert new_hard >= old_hard
+
+
 def test_search_is_deterministic_on_the_real_model(smol):
     cs = commongen(1, offset=20)[0]
     runs = [smol.generate(cs.prompt, reward=keywords(cs.keywords), strategy="deal", max_new_tokens=24).token_ids

@@ -272,6 +272,19 @@ def test_bad_reward_output_raises_with_name():
         boom([""], ["a"])
 
 
+def test_keywords_bring_the_well_formed_reward_unless_told_otherwise():
+    from dealign.rewards.programmatic import WELL_FORMED_WEIGHT
+
+    on = from_options(keywords="dog, cat")
+    assert on.names == ["keywords", "well_formed"] and on.terms[1][1] == WELL_FORMED_WEIGHT
+    assert from_options(keywords="dog", weights={"well_formed": 2.0}).terms[1][1] == 2.0
+    assert from_options(keywords="dog", well_formed=False).names == ["keywords"]
+    assert from_options(max_words=5).names == ["max_words"]
+    assert from_options(max_words=5, well_formed=True).names == ["max_words", "well_formed"]
+    with pytest.raises(TypeError, match="well_formed"):
+        from_options(keywords="dog", well_formed="yes")
+
+
 def test_from_options():
     assert not from_options()
     assert from_options().score(["p"], ["x"]).total == [0.0]
@@ -283,6 +296,7 @@ def test_from_options():
         must_match=r"\.$",
         must_not_match="http",
         weights={"keywords": 0.7, "max_words": 0.3},
+        well_formed=False,
     )
     assert combo.names == ["keywords", "max_words", "min_words", "banned", "must_match", "must_not_match"]
     assert [w for _, w in combo.terms] == [0.7, 0.3, 1.0, 1.0, 1.0, 1.0]
@@ -291,7 +305,7 @@ def test_from_options():
         {"keywords": 0.5, "max_words": 1.0, "min_words": 1.0, "banned": 1.0, "must_match": 1.0, "must_not_match": 1.0}
     )
     assert res.total[0] == pytest.approx(0.35 + 0.3 + 4.0)
-    hard = from_options(keywords="dog, cat", keyword_mode="hard")
+    hard = from_options(keywords="dog, cat", keyword_mode="hard", well_formed=False)
     assert hard.score([""], ["a dog"]).total == [0.0]
     with pytest.raises(ValueError, match="unknown reward"):
         from_options(keywords=["dog"], weights={"keyword": 1.0})

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dealign.cli.main import app as cli_app
-from dealign.rewards import keywords
+from dealign.rewards import from_options, keywords
 from dealign.server import ServerLimits
 from dealign.server.app import create_app
 from dealign.server.engine import CommittedText
@@ -119,12 +119,13 @@ def test_sampling_follows_temperature_and_seed(client, tiny_aligner):
 
 def test_deal_aligned_completion_with_keywords(client, tiny_aligner):
     resp = client.completions.create(model=MODEL, prompt="the dog", max_tokens=12, extra_body={"alignment": ALIGN})
-    expected = tiny_aligner.generate("the dog", reward=keywords(["dog", "frisbee"]), strategy="deal", beam=2, topk=2,
-                                     lookahead=2, lam=5.0, max_new_tokens=12)
+    # keywords bring the well_formed reward, and the aligner's own defaults (the fluency term) apply
+    expected = tiny_aligner.generate("the dog", reward=from_options(keywords=["dog", "frisbee"]), strategy="deal", beam=2,
+                                     topk=2, lookahead=2, lam=5.0, max_new_tokens=12)
     assert resp.choices[0].text == expected.text
     report = extra(resp, "alignment")
-    assert report["strategy"] == "deal"
-    assert set(report["rewards"]) == {"keywords"} and report["reward"] == pytest.approx(expected.reward)
+    assert report["strategy"] == "deal" and report["search"]["fluency"] == tiny_aligner.search_defaults["fluency"]
+    assert set(report["rewards"]) == {"keywords", "well_formed"} and report["reward"] == pytest.approx(expected.reward)
     assert report["search"]["beam"] == 2 and report["search"]["lookahead"] == 2
     assert 0.0 <= report["coverage"] <= 1.0
     assert report["stats"]["candidates_scored"] > 0
@@ -136,14 +137,23 @@ def test_aligned_chat_with_weights_instruction_and_best_of_n(client, tiny_aligne
              "instruction": "Use the words.", "strategy": "best-of-n", "n": 4}
     resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0.7, seed=1,
                                           extra_body={"alignment": align})
-    reward = 0.7 * keywords("dog,frisbee")
-    from dealign.rewards import max_words
-
-    reward = reward + 0.3 * max_words(6)
+    reward = from_options(keywords="dog,frisbee", max_words=6, weights={"keywords": 0.7, "max_words": 0.3})
     expected = tiny_aligner.generate(messages, reward=reward, instruction="Use the words.", strategy="best-of-n", n=4,
                                      temperature=0.7, seed=1, max_new_tokens=10)
     assert resp.choices[0].message.content == expected.text
-    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", "max_words"}
+    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", "max_words", "well_formed"}
+
+
+def test_alignment_sets_the_fluency_term_and_a_bad_weight_is_a_400(client, server, tiny_aligner):
+    align = {**ALIGN, "fluency": 0.0, "well_formed": False}
+    resp = client.completions.create(model=MODEL, prompt="the dog", max_tokens=12, extra_body={"alignment": align})
+    expected = tiny_aligner.generate("the dog", reward=keywords(["dog", "frisbee"]), strategy="deal", beam=2, topk=2,
+                                     lookahead=2, lam=5.0, fluency=0.0, max_new_tokens=12)
+    assert resp.choices[0].text == expected.text and set(extra(resp, "alignment")["rewards"]) == {"keywords"}
+    for bad, needle in (({"fluency": -1}, "fluency"), ({"fluency": "high"}, "fluency must be a number"),
+                        ({"well_formed": "yes"}, "well_formed")):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "the dog", "alignment": {**ALIGN, **bad}})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
 
 
 def _named_reward_or_skip(name: str) -> None:

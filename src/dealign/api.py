@@ -29,6 +29,7 @@ class GenerationResult:
     stats: dict[str, Any]
     beam: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int = 0
+    fluency: float = 0.0  # the answer's log-prob in the neutral context (0 when the search did not read it)
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +48,7 @@ class Aligner:
 
     def __init__(self, model: Any, tokenizer: Any, *, draft: tuple[Any, Any] | None = None, name: str = "model"):
         self.tokenizer = tokenizer
+        _check_decodes(tokenizer, name)
         self.backend = HFBackend(model, tokenizer, name=name)
         self.draft = None
         if draft is not None:
@@ -58,7 +60,8 @@ class Aligner:
                     "Pick a draft model from the same family."
                 )
             self.draft = HFBackend(d_model, d_tok, name="draft")
-        self.search_defaults: dict[str, Any] = {}  # what SearchConfig() leaves out for this backend
+        # what SearchConfig() (the paper's plain DeAL) leaves out for a local model: the fluency term
+        self.search_defaults: dict[str, Any] = dict(LOCAL_SEARCH_DEFAULTS)
         self.name = name
 
     @classmethod
@@ -173,8 +176,12 @@ class Aligner:
         check = getattr(self.backend, "check_search", None)  # a remote engine: top_n must cover topk
         if check is not None:
             check(cfg)
+        fluency_ids = None
+        if cfg.strategy == "deal" and cfg.fluency:
+            fluency_ids, _ = self.encode_prompt(cfg.fluency_prompt, response_prefix=response_prefix)
         before = self.backend.counters.snapshot()
-        result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit)
+        result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit,
+                            fluency_ids=fluency_ids)
         out = _to_result(result, cfg, len(ids))
         after = self.backend.counters.snapshot()
         for key in after.keys() - out.stats.keys():  # a remote engine's requests and round trips
@@ -184,7 +191,11 @@ class Aligner:
 
 # An engine's round trips dominate a remote search: segment mode sends one request per candidate per
 # ``lookahead`` tokens (bench: 34 requests/prompt vs 159 in token mode, 2.65 vs 3.40 s/prompt)
-REMOTE_SEARCH_DEFAULTS = {"mode": "segment", "lookahead": 4}
+# A local model reads every answer after a neutral request too (search/deal.py, "fluency"); the reward's
+# weight rises with it so coverage holds (chosen on CommonGen dev rows 200-229: README, "Fluent answers").
+LOCAL_SEARCH_DEFAULTS = {"fluency": 1.0, "lam": 60.0}
+# The fluency context rides in the policy's own forward passes (rows of one local batch): off remotely.
+REMOTE_SEARCH_DEFAULTS = {"mode": "segment", "lookahead": 4, "fluency": 0.0}
 
 
 def load_tokenizer(spec: str | None = None) -> tuple[Any, set[int] | None]:
@@ -207,6 +218,20 @@ def load_tokenizer(spec: str | None = None) -> tuple[Any, set[int] | None]:
     except (OSError, ValueError):
         gen = None
     return tok, eos_ids_of(gen, tok.eos_token_id) or None
+
+
+def _check_decodes(tokenizer: Any, name: str) -> None:
+    """Rewards (keywords, well_formed, a reward model) read the answer as text: refuse a tokenizer that
+    cannot turn ids back into text now, in one line, rather than deep inside a search."""
+    probe = "A dog catches the frisbee."
+    try:
+        text = tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False), skip_special_tokens=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the same user-facing problem
+        raise ValueError(f"the tokenizer of {name!r} cannot decode token ids to text ({type(exc).__name__}: {exc}); "
+                         "rewards read the answer as text: load the model with its own tokenizer") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the tokenizer of {name!r} decodes {probe!r} to {text!r}; rewards read the answer as text: "
+                         "load the model with a tokenizer that decodes")
 
 
 def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> SearchConfig:
@@ -240,8 +265,10 @@ def _to_result(result: SearchResult, cfg: SearchConfig, prompt_tokens: int) -> G
         strategy=cfg.strategy,
         stats=dataclasses.asdict(result.stats),
         beam=[
-            {"text": h.text, "score": h.score, "logprob": h.logprob, "reward": h.reward, "finished": h.finished}
+            {"text": h.text, "score": h.score, "logprob": h.logprob, "fluency": h.fluency, "reward": h.reward,
+             "finished": h.finished}
             for h in result.beam
         ],
         prompt_tokens=prompt_tokens,
+        fluency=best.fluency,
     )

@@ -7,6 +7,8 @@ The search never touches tensors of a model or a KV cache: it asks a backend for
 * ``rollout(beam, parents, forced, steps)``: fork the parent rows (a row may be used several times),
   feed the ``forced`` tokens of every row in one forward pass, then extend all rows together by
   ``steps`` tokens (greedy or sampled), one batched forward per token;
+* ``prefill_many(prompts)`` (optional): several prompts as the rows of one beam, so that one forward
+  advances rows of different prompts (the search's fluency context rides along with the prompt);
 * ``commit(rollout, rows, keep)``: keep some rows of a rollout, each having consumed its first
   ``keep`` tokens, as the next beam, reusing what the rollout already computed.
 
@@ -123,6 +125,15 @@ class Backend(ABC):
     @abstractmethod
     def prefill(self, ids: Sequence[int]) -> Beam: ...
 
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> Beam:
+        """A beam whose row i has consumed ``prompts[i]`` (lengths may differ)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold several prompts in one beam")
+
+    @property
+    def supports_follow(self) -> bool:
+        """Whether ``prefill_many`` and ``rollout(follow=...)`` are implemented."""
+        return type(self).prefill_many is not Backend.prefill_many
+
     @abstractmethod
     def rollout(
         self,
@@ -133,15 +144,23 @@ class Backend(ABC):
         *,
         sampler: Sampler | None = None,
         feed_last: bool = False,
+        follow: Sequence[int] | None = None,
     ) -> Rollout:
         """Fork ``beam`` rows ``parents``, force ``forced`` (``[rows, t]``, t >= 1), then generate
         ``steps`` tokens per row.  ``feed_last`` also runs the last generated token through the model
-        so that a commit of the whole rollout knows the next distribution."""
+        so that a commit of the whole rollout knows the next distribution.  ``follow[i]`` (a row with
+        ``follow[j] == j``) makes row i take row ``follow[i]``'s generated tokens instead of choosing
+        its own, so its log-probs score the same text under its own prompt."""
 
     @abstractmethod
     def commit(self, rollout: Rollout, rows: Sequence[int], keep: int) -> Beam:
         """The beam made of ``rows`` of ``rollout`` (repeats allowed), each having consumed its first
         ``keep`` tokens (1 <= keep <= rollout.n_fed), so all rows of a beam have the same length."""
+
+    def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
+        """The next-token log-distributions ``commit(rollout, rows, keep)`` would hold, without
+        building its cache."""
+        return self.commit(rollout, rows, keep).next_logprobs
 
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - overridden
         raise NotImplementedError

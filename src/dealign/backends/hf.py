@@ -27,8 +27,21 @@ def fork_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
 
 
 @dataclass
+class _Cache:
+    """A beam's keys/values and, when its rows hold prompts of different lengths, each row's left
+    padding (``None`` when no row is padded: the plain causal path, bit for bit as before)."""
+
+    kv: DynamicCache
+    pads: torch.Tensor | None = None  # [rows], long
+
+    def select(self, index: torch.Tensor) -> "_Cache":
+        pads = self.pads[index.cpu()] if self.pads is not None else None
+        return _Cache(fork_cache(self.kv, index), pads if pads is not None and bool(pads.any()) else None)
+
+
+@dataclass
 class _RolloutState:
-    cache: DynamicCache
+    cache: _Cache
     base_ids: list[list[int]]
     position_logprobs: list[torch.Tensor]  # [rows, vocab] after each fed token
 
@@ -52,15 +65,27 @@ class HFBackend(Backend):
         self._pad = min(self.eos_ids)
 
     # model access --------------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
-        """Feed ``tokens`` ``[rows, width]``; returns log-probs ``[rows, width, vocab]`` and the cache."""
-        self.counters.add(tokens.shape[0], tokens.shape[1])
-        if cache is None:
-            cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=tokens.to(self.device), cache=cache, use_cache=True)
+    def _forward(self, tokens: torch.Tensor, cache: _Cache | None, pads: torch.Tensor | None = None) -> tuple[torch.Tensor, _Cache]:
+        """Feed ``tokens`` ``[rows, width]``; returns log-probs ``[rows, width, vocab]`` and the cache.
+
+        Rows with left padding (``pads``, or the cache's) get an attention mask that hides the pad
+        positions and position ids that start at their first real token, so a padded row computes
+        what it would alone."""
+        rows, width = tokens.shape
+        self.counters.add(rows, width)
+        kv = cache.kv if cache is not None else DynamicCache(config=self.model.config)
+        pads = cache.pads if cache is not None else pads
+        kwargs = {}
+        if pads is not None:
+            past = kv.get_seq_length()
+            cols = torch.arange(past + width)
+            kwargs["attention_mask"] = (cols[None, :] >= pads[:, None]).long().to(self.device)
+            kwargs["position_ids"] = (cols[None, past:] - pads[:, None]).clamp(min=0).to(self.device)
+        out = self.model(input_ids=tokens.to(self.device), cache=kv, use_cache=True, **kwargs)
         # the search's bookkeeping lives on the CPU; [rows, width, vocab] is small next to a forward
         logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-        return logprobs, out.cache if getattr(out, "cache", None) is not None else cache
+        kv = out.cache if getattr(out, "cache", None) is not None else kv
+        return logprobs, _Cache(kv, pads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -74,6 +99,16 @@ class HFBackend(Backend):
         return Beam(ids=[list(ids)], next_logprobs=logprobs[:, -1], state=cache)
 
     @torch.inference_mode()
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> Beam:
+        if not prompts or any(len(ids) == 0 for ids in prompts):
+            raise ValueError("every prompt must encode to at least one token")
+        width = max(len(ids) for ids in prompts)
+        pads = torch.tensor([width - len(ids) for ids in prompts], dtype=torch.long)
+        tokens = torch.tensor([[self._pad] * (width - len(ids)) + list(ids) for ids in prompts], dtype=torch.long)
+        logprobs, cache = self._forward(tokens, None, pads if bool(pads.any()) else None)
+        return Beam(ids=[list(ids) for ids in prompts], next_logprobs=logprobs[:, -1], state=cache)
+
+    @torch.inference_mode()
     def rollout(
         self,
         beam: Beam,
@@ -83,11 +118,13 @@ class HFBackend(Backend):
         *,
         sampler: Sampler | None = None,
         feed_last: bool = False,
+        follow: Sequence[int] | None = None,
     ) -> Rollout:
         sampler = sampler or Sampler()
         index = torch.as_tensor(list(parents), dtype=torch.long)
         rows, n_forced = forced.shape
-        cache = fork_cache(beam.state, index.to(self.device))
+        lead, copy_of = _leaders(follow, rows)
+        cache = beam.state.select(index.to(self.device))
         parent_lp = beam.next_logprobs[index]
 
         tokens = forced.clone()
@@ -108,7 +145,9 @@ class HFBackend(Backend):
         cur = positions[-1]
         n_fed = n_forced
         for s in range(steps):
-            tok = sampler.pick(cur)
+            tok = sampler.pick(cur if lead is None else cur[lead])
+            if copy_of is not None:
+                tok = tok[copy_of]
             tok_lp = cur.gather(1, tok[:, None]).squeeze(1)
             tok = torch.where(done, torch.full_like(tok, self._pad), tok)
             tok_lp = torch.where(done, torch.zeros_like(tok_lp), tok_lp)
@@ -146,11 +185,17 @@ class HFBackend(Backend):
         if not 1 <= keep <= rollout.n_fed:
             raise ValueError(f"cannot keep {keep} tokens of a rollout that fed {rollout.n_fed}")
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        cache = fork_cache(st.cache, index.to(self.device))
+        cache = st.cache.select(index.to(self.device))
         if keep < rollout.n_fed:
-            cache.crop(-(rollout.n_fed - keep))
+            cache.kv.crop(-(rollout.n_fed - keep))
         ids = [st.base_ids[r] + rollout.tokens[r, :keep].tolist() for r in rows]
         return Beam(ids=ids, next_logprobs=st.position_logprobs[keep - 1][index], state=cache)
+
+
+    def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
+        if not 1 <= keep <= rollout.n_fed:
+            raise ValueError(f"cannot keep {keep} tokens of a rollout that fed {rollout.n_fed}")
+        return rollout.state.position_logprobs[keep - 1][torch.as_tensor(list(rows), dtype=torch.long)]
 
 
 class NaiveHFBackend(HFBackend):
@@ -169,21 +214,36 @@ class NaiveHFBackend(HFBackend):
         return Beam(ids=[list(ids)], next_logprobs=self._next(list(ids))[None], state=None)
 
     @torch.inference_mode()
-    def rollout(self, beam, parents, forced, steps, *, sampler=None, feed_last=False) -> Rollout:
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> Beam:
+        if not prompts or any(len(ids) == 0 for ids in prompts):
+            raise ValueError("every prompt must encode to at least one token")
+        return Beam(ids=[list(ids) for ids in prompts], next_logprobs=torch.stack([self._next(list(ids)) for ids in prompts]), state=None)
+
+    @torch.inference_mode()
+    def rollout(self, beam, parents, forced, steps, *, sampler=None, feed_last=False, follow=None) -> Rollout:
         sampler = sampler or Sampler()
         rows, n_forced = forced.shape
+        _leaders(follow, rows)  # checks it
+        order = sorted(range(rows), key=lambda r: follow is not None and follow[r] != r)  # leaders first
         width = n_forced + steps
         tokens = torch.full((rows, width), self._pad, dtype=torch.long)
         lp = torch.zeros(rows, width)
-        length, finished, positions = [], [], []
         n_fed = n_forced + steps - (0 if feed_last else 1) if steps else n_forced
-        for r, p in enumerate(parents):
+        positions = [None] * rows
+        length, finished = [0] * rows, [False] * rows
+        for r in order:
+            p = parents[r]
             seq = list(beam.ids[p])
             cur = beam.next_logprobs[p]
             row_pos = []
             ended = None
             for j in range(width):
-                tok = int(forced[r, j]) if j < n_forced else int(sampler.pick(cur[None])[0])
+                if j < n_forced:
+                    tok = int(forced[r, j])
+                elif follow is not None and follow[r] != r:
+                    tok = int(tokens[follow[r], j])
+                else:
+                    tok = int(sampler.pick(cur[None])[0])
                 tokens[r, j] = tok
                 lp[r, j] = cur[tok]
                 seq.append(tok)
@@ -193,9 +253,7 @@ class NaiveHFBackend(HFBackend):
                 if j < n_fed:
                     cur = self._next(seq)
                     row_pos.append(cur)
-            length.append(ended or width)
-            finished.append(ended is not None)
-            positions.append(row_pos)
+            length[r], finished[r], positions[r] = ended or width, ended is not None, row_pos
         return Rollout(list(parents), tokens, lp, length, finished, n_fed,
                        state=([beam.ids[p] for p in parents], positions))
 
@@ -205,6 +263,23 @@ class NaiveHFBackend(HFBackend):
         ids = [base[r] + rollout.tokens[r, :keep].tolist() for r in rows]
         nxt = torch.stack([positions[r][keep - 1] for r in rows])
         return Beam(ids=ids, next_logprobs=nxt, state=None)
+
+    def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
+        return self.commit(rollout, rows, keep).next_logprobs
+
+
+def _leaders(follow: Sequence[int] | None, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For ``rollout(follow=...)``: the rows that choose their own tokens, and for every row the
+    position among those of the row whose tokens it takes.  Only leaders are sampled, so the random
+    stream is the one the leaders alone would draw."""
+    if follow is None:
+        return None, None
+    follow = list(follow)
+    if len(follow) != rows or any(not 0 <= f < rows or follow[f] != f for f in follow):
+        raise ValueError("follow must give, for every row, a row that chooses its own tokens")
+    lead = sorted(set(follow))
+    where = {r: i for i, r in enumerate(lead)}
+    return torch.tensor(lead), torch.tensor([where[f] for f in follow])
 
 
 def _is_eos(tokens: torch.Tensor, eos_ids: frozenset[int]) -> torch.Tensor:

@@ -372,6 +372,9 @@ class RemoteBackend(Backend):
     def check_search(self, cfg: Any) -> None:
         """The search proposes its actions from the top-n this engine returns: refuse a ``topk`` (or a
         beam search's ``beam``) larger than ``top_n`` instead of proposing tokens of unknown log-prob."""
+        if cfg.strategy == "deal" and getattr(cfg, "fluency", 0):
+            raise ValueError("fluency (the answer's log-prob in a neutral context, scored in the same forward as the "
+                             "prompt) needs a local model; set fluency 0 (--fluency 0) with a remote engine")
         need = cfg.beam if cfg.strategy == "beam" else cfg.topk if cfg.strategy == "deal" else 1
         if need > self.top_n:
             what = "beam" if cfg.strategy == "beam" else "topk"
@@ -397,7 +400,9 @@ class RemoteBackend(Backend):
         return Beam(ids=[list(ids)], next_logprobs=self._dense(comp.top[:1]), state=None)
 
     def rollout(self, beam: Beam, parents: Sequence[int], forced: torch.Tensor, steps: int, *,
-                sampler: Sampler | None = None, feed_last: bool = False) -> Rollout:
+                sampler: Sampler | None = None, feed_last: bool = False, follow: Sequence[int] | None = None) -> Rollout:
+        if follow is not None:
+            raise ValueError("a remote engine cannot tie rows together (follow); use a local model")
         sampler = sampler or Sampler()
         rows, n_forced = forced.shape
         if n_forced != 1:

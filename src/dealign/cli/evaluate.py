@@ -26,6 +26,9 @@ def _judge(spec: str | None, policy_loader):
             chat = bool(getattr(judge.tokenizer, "chat_template", None))  # a chat model judges the answer in context
             return name, lambda p, t: mean_token_nll(judge, p, t, chat=chat)
         except ModelLoadError as exc:
+            if spec:  # asked for by name: never judge with something else
+                raise ModelLoadError(f"--judge {spec!r} could not be loaded ({exc}); give a packaged model name, a "
+                                     "model folder or a .gguf file, or leave --judge out for Gemma 3 270M") from None
             print(f"fluency judge {name!r} unavailable ({exc}); using the policy model", file=sys.stderr)
     policy = policy_loader()
     return "policy model", lambda p, t: mean_token_nll(policy, p, t)
@@ -46,8 +49,9 @@ def packaged_rewards_fingerprint() -> str:
 def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, model: str | None, max_new_tokens: int | None,
              offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None,
              workers: int = 1, settings: list[str] | None = None) -> list[dict]:
-    from ..evaluation.report import markdown, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
+    from ..evaluation.report import markdown, plot_form, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
     from ..evaluation.tasks import TASKS
+    from ..api import LOCAL_SEARCH_DEFAULTS
     from ..search import SearchConfig
     from .batch import ResumeError, run_batch
     from .loading import load_aligner
@@ -62,6 +66,17 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
         rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed, settings=parse_strategy_settings(settings))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if judge and t.fluency:  # a judge that cannot be found fails now, not after the whole run
+        from ..models.loading import ModelLoadError, resolve
+
+        try:
+            resolve(judge)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"--judge {judge!r}: {exc}") from None
+    if t.form_metrics:
+        from ..evaluation.sentence import judge_sentence
+
+        judge_sentence("The judge is ready.")  # the sentence parser: JudgeUnavailable names the install
     inp, outp = out / "input.jsonl", out / "output.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     aligner = None
@@ -75,7 +90,7 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
 
     config = {"task": task, "n": n, "offset": offset, "seed": seed, "model": model,
               "max_new_tokens": max_new_tokens, "strategies": {s: rows_for(rows, s) for s in strategies},
-              "search_defaults": dataclasses.asdict(SearchConfig()), "instruction": t.instruction,
+              "search_defaults": dataclasses.asdict(SearchConfig(**LOCAL_SEARCH_DEFAULTS)), "instruction": t.instruction,
               "packaged_rewards": packaged_rewards_fingerprint()}
     previous = out / "config.json"
     if resume and outp.exists() and previous.exists():
@@ -104,6 +119,8 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
         {k: a.get(k) for k in ("id", "method", "prompt", "response_prefix", "text", "metrics", "tokens", "seconds", "finished")},
         ensure_ascii=False) + "\n" for a in answers), encoding="utf-8")
     plots = [plot_quality_vs_cost(t, table, out / f"{task}_quality_vs_seconds.png")]
+    if t.form_metrics:
+        plots.append(plot_form(t, table, out / f"{task}_sentence_form.png"))
     if t.tradeoff_plot:
         plots.append(plot_tradeoff(table, out / f"{task}_harmless_vs_helpful.png"))
 

@@ -14,6 +14,7 @@ from typing import Annotated, Iterator, List, Optional
 
 import typer
 
+from ..api import LOCAL_SEARCH_DEFAULTS
 from ..models.loading import ModelLoadError
 from ..search import STRATEGIES, SearchConfig
 from ..server.limits import ServerLimits
@@ -28,7 +29,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-_D = SearchConfig()  # only for the defaults shown in --help
+_D = SearchConfig(**LOCAL_SEARCH_DEFAULTS)  # only for the defaults shown in --help (a local model's)
 _SL = ServerLimits()  # likewise for `dealign serve`
 _S, _R, _M = "Search (defaults from SearchConfig)", "Rewards", "Model"
 _E = "Remote engine"
@@ -93,6 +94,8 @@ def generate(
     top_p: Annotated[Optional[float], typer.Option(help=f"Nucleus cut of the candidates / sampling [default: {_D.top_p}].", rich_help_panel=_S)] = None,
     lookahead: Annotated[Optional[int], typer.Option(help=f"Rollout tokens before scoring a candidate [default: {_D.lookahead}].", rich_help_panel=_S)] = None,
     lam: Annotated[Optional[float], typer.Option(help=f"Reward weight in logP + lam * R [default: {_D.lam}].", rich_help_panel=_S)] = None,
+    fluency: Annotated[Optional[float], typer.Option(help=f"Weight of the answer's log-prob after a neutral request (--fluency-prompt), added to the score: keeps keyword lists and fragments from winning; 0 turns it off [default: {_D.fluency}].", rich_help_panel=_S)] = None,
+    fluency_prompt: Annotated[Optional[str], typer.Option(help=f"The neutral request the answer is also read after, for --fluency [default: {_D.fluency_prompt!r}].", rich_help_panel=_S)] = None,
     length_penalty: Annotated[Optional[float], typer.Option(help=f"logP / len**length_penalty [default: {_D.length_penalty}].", rich_help_panel=_S)] = None,
     rollout_temperature: Annotated[Optional[float], typer.Option(help=f"0 = greedy lookahead [default: {_D.rollout_temperature}].", rich_help_panel=_S)] = None,
     temperature: Annotated[Optional[float], typer.Option(help=f"Sampling temperature (sample, best-of-n) [default: {_D.temperature}].", rich_help_panel=_S)] = None,
@@ -107,6 +110,7 @@ def generate(
     max_words: Annotated[Optional[int], typer.Option(help="Penalise answers longer than this many words.", rich_help_panel=_R)] = None,
     min_words: Annotated[Optional[int], typer.Option(help="Penalise answers shorter than this many words.", rich_help_panel=_R)] = None,
     banned: Annotated[Optional[str], typer.Option(help="Comma-separated words the answer must avoid.", rich_help_panel=_R)] = None,
+    well_formed: Annotated[Optional[bool], typer.Option("--well-formed/--no-well-formed", help="Reward answers that read as a sentence (no keyword list, loop or verbless fragment); weight with --weight well_formed=W [default: on with --keywords].", show_default=False, rich_help_panel=_R)] = None,
     must_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must contain (repeatable).", rich_help_panel=_R)] = None,
     must_not_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must not contain (repeatable).", rich_help_panel=_R)] = None,
     weight: Annotated[Optional[List[str]], typer.Option(help="Reward weight NAME=W, e.g. keywords=0.7 (repeatable) [default: 1 each].", rich_help_panel=_R)] = None,
@@ -134,11 +138,11 @@ def generate(
         base = Settings.from_values(
             dict(
                 strategy=strategy, mode=mode, beam=beam, topk=topk, top_p=top_p, lookahead=lookahead, lam=lam,
-                length_penalty=length_penalty, rollout_temperature=rollout_temperature, temperature=temperature,
+                fluency=fluency, fluency_prompt=fluency_prompt, length_penalty=length_penalty, rollout_temperature=rollout_temperature, temperature=temperature,
                 n=n, seed=seed, max_new_tokens=max_new_tokens, early_stop=early_stop,
                 instruction=instruction, response_prefix=response_prefix,
                 keywords=keywords, keyword_mode=keyword_mode, max_words=max_words, min_words=min_words,
-                banned=banned, must_match=must_match or None, must_not_match=must_not_match or None,
+                banned=banned, well_formed=well_formed, must_match=must_match or None, must_not_match=must_not_match or None,
                 weights=parse_weights(weight),
                 named_rewards=parse_weights(reward, "--reward", "harmless=0.75", default=1.0),
                 reward_model=reward_model or None,

@@ -13,7 +13,8 @@ from .tasks import Task
 
 COST = ["tokens", "finished", "forward_passes", "seconds", "x_greedy"]
 LABELS = {
-    "soft": "soft cov.", "hard": "hard cov. (raw)", "hard_finished": "hard cov. (finished)", "nll": "NLL/token",
+    "soft": "soft cov.", "hard": "hard cov. (raw)", "hard_finished": "hard cov. (finished)",
+    "sentence": "sentence", "hard_sentence": "finished ∧ every keyword ∧ sentence", "nll": "NLL/token",
     "bleu4": "BLEU-4", "rougeL": "ROUGE-L", "within_limit": "within limit", "overshoot": "overshoot (words)",
     "words": "words", "topic": "topic cov.", "within_and_on_topic": "within & on topic", "tokens": "tokens",
     "finished": "finished", "forward_passes": "forward passes", "seconds": "s/prompt", "x_greedy": "× greedy",
@@ -83,6 +84,37 @@ def plot_quality_vs_cost(task: Task, table: list[dict], path: Path) -> Path:
     ax.set_ylabel(LABELS.get(task.quality, task.quality))
     ax.set_title(f"{task.name}: quality against cost")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_form(task: Task, table: list[dict], path: Path) -> Path:
+    """Per strategy: the task's constraint metric, the sentence-form rate and both together (bars), and
+    fluency under the judge LM (NLL/token, right axis) where it was scored: a search that games its
+    reward shows a tall first bar and a short last one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(task.form_metrics)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(table) + 2), 4.8), dpi=120)
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
+        xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(table))]
+        ax.bar(xs, [t.get(key, math.nan) for t in table], width, label=LABELS.get(key, key), color=f"C{k}")
+    ax.set_xticks(range(len(table)), [t["method"] for t in table], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of answers")
+    if all("nll" in t for t in table):
+        ax2 = ax.twinx()
+        ax2.plot(range(len(table)), [t["nll"] for t in table], "k--o", label="NLL/token (judge LM)")
+        ax2.set_ylabel("NLL/token under the judge LM (lower = more fluent)")
+        ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=len(keys), frameon=False)
+    ax.set_title(f"{task.name}: constraint, sentence form, both")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

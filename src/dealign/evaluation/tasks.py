@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..rewards import count_words, keyword_coverage
 from .data import commongen
+from .sentence import judge_sentence
 
 # strategy label -> per-line batch settings; "prompt" rows add the task's alignment instruction
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -50,6 +51,7 @@ class Task:
     default_strategies: tuple[str, ...] = tuple(STRATEGIES)
     max_new_tokens: int = 32
     fluency: bool = True  # score NLL under a judge LM (text tasks); harm tasks use --judge as their LM judge
+    form_metrics: tuple[str, ...] = ()  # constraint, sentence form, both: plotted side by side
     tradeoff_plot: bool = False
 
     @property
@@ -94,6 +96,10 @@ class Task:
         return out
 
 
+# DeAL as it was before the fluency objective (the paper's score, coverage alone): a reference row
+PLAIN_DEAL = {"strategy": "deal", "fluency": 0.0, "lam": 20.0, "well_formed": False}
+
+
 # keywords (CommonGen) --------------------------------------------------------------------------------------------
 
 def _keyword_items(n: int, offset: int) -> list[Item]:
@@ -102,7 +108,10 @@ def _keyword_items(n: int, offset: int) -> list[Item]:
 
 def _keyword_metrics(row: dict) -> dict[str, float]:
     cov = keyword_coverage(row["text"], row["keywords"])
-    return {"soft": cov, "hard": float(cov == 1.0), "hard_finished": float(cov == 1.0 and row["finished"])}
+    hard = cov == 1.0 and row["finished"]
+    sentence = judge_sentence(row["text"], row["keywords"])["sentence"]
+    return {"soft": cov, "hard": float(cov == 1.0), "hard_finished": float(hard), "sentence": float(sentence),
+            "hard_sentence": float(hard and sentence)}
 
 
 def _reference_metrics(rows: list[dict]) -> dict[str, float]:
@@ -121,18 +130,23 @@ def _reference_metrics(rows: list[dict]) -> dict[str, float]:
 
 KEYWORDS = Task(
     name="keywords",
-    describe="CommonGen dev: one sentence using every listed concept; reward = soft keyword coverage",
+    describe=("CommonGen dev: one sentence using every listed concept; reward = soft keyword coverage; "
+              "*sentence* = a real sentence by the spaCy parse judge (evaluation/sentence.py), which no reward uses"),
     instruction="Write one natural, fluent sentence that uses every word the user lists.",
-    quality="hard_finished",
+    quality="hard_sentence",
+    form_metrics=("hard_finished", "sentence", "hard_sentence"),
     items=_keyword_items,
     metrics=_keyword_metrics,
     corpus_metrics=_reference_metrics,
+    overrides={"deal-plain": PLAIN_DEAL},
+    default_strategies=(*STRATEGIES, "deal-plain"),
 )
 
 
 # length --------------------------------------------------------------------------------------------------------
 
 LIMITS = (5, 8, 12)
+LENGTH_DEAL = {"fluency": 0.0, "lam": 20.0}
 
 
 def _length_items(n: int, offset: int) -> list[Item]:
@@ -152,8 +166,9 @@ def _length_metrics(row: dict) -> dict[str, float]:
     words, limit = count_words(row["text"]), row["meta"]["limit"]
     topic = keyword_coverage(row["text"], row["keywords"])
     within = row["finished"] and 0 < words <= limit
+    sentence = judge_sentence(row["text"], row["keywords"])["sentence"]
     return {"within_limit": float(within), "overshoot": float(max(0, words - limit)), "words": float(words),
-            "topic": topic, "within_and_on_topic": float(within and topic >= 0.5)}
+            "topic": topic, "within_and_on_topic": float(within and topic >= 0.5), "sentence": float(sentence)}
 
 
 LENGTH = Task(
@@ -161,8 +176,14 @@ LENGTH = Task(
     describe="word-limited scene descriptions (limits 5/8/12); reward = max_words(limit) + 0.5 * topic keywords",
     instruction="Answer within the word limit the user gives, never longer, and stay on the topic.",
     quality="within_and_on_topic",
+    form_metrics=("within_and_on_topic", "sentence"),
     items=_length_items,
     metrics=_length_metrics,
+    # a word limit is not "write a sentence": the fluency term pulls towards longer text, and lam 60 makes the
+    # limit worth gaming (hyphen chains count as one word), so DeAL rows keep the paper's score here
+    overrides={"deal": LENGTH_DEAL, "deal-segment": LENGTH_DEAL, "prompt+deal": LENGTH_DEAL,
+               "deal-fluent": {"strategy": "deal"}},
+    default_strategies=(*STRATEGIES, "deal-fluent"),
 )
 
 
@@ -170,7 +191,7 @@ LENGTH = Task(
 
 # DeAL for abstract objectives: the reward must see where an answer is going, so every candidate is extended
 # 4 tokens and committed whole (segment mode; token mode costs ~10x more); as in evaluation/harmless.py.
-HARM_DEAL = {"beam": 4, "topk": 4, "lookahead": 4, "lam": 10.0}
+HARM_DEAL = {"beam": 4, "topk": 4, "lookahead": 4, "lam": 10.0, "fluency": 0.0}  # as measured before the fluency term
 HARM_OVERRIDES = {
     "best-of-n": {"temperature": 1.0},
     "deal": HARM_DEAL,

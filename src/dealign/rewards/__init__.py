@@ -4,6 +4,7 @@ rewards (reward models, classifiers, embeddings, lexicons, LM judges), named rew
 ``harmless`` and ``helpful``, and calibration onto a common scale."""
 
 from .base import Reward, RewardError, RewardScores, WeightedSum, as_reward
+from .form import well_formed
 from .models import embedding_similarity, lm_judge, non_toxic, relevance, sentiment, sequence_classifier
 from .normalize import Calibration, calibrate, calibrated
 from .registry import available, named_reward, reward_from_path
@@ -60,4 +61,5 @@ __all__ = [
     "normalize_keywords",
     "regex",
     "word_range",
+    "well_formed",
 ]

@@ -17,6 +17,8 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .base import Reward, RewardFn, WeightedSum
+from .form import well_formed as _well_formed
+from .lexicon import AMBIGUOUS_FORMS, BASE_OF, NOT_PLURAL, NOUNS, VERBS
 
 __all__ = [
     "keywords",
@@ -37,69 +39,12 @@ __all__ = [
     "from_options",
 ]
 
-# ------------------------------------------------------------------------------------------------
-# Inflection tables.  Matching is deliberately permissive: generating a non-word such as "catted"
-# costs nothing, while missing "threw" for "throw" makes the search chase a keyword it already has.
-
-# Irregular verbs: base -> irregular forms.  Regular -s and -ing are added by rule; regular -ed is
-# not (it would turn "see" into "seed"), so verbs that also take -ed list it here.
-_IRREGULAR_VERBS = """
-be am is are was were been being | have has had | do does did done | go goes went gone
-say said | get got gotten | make made | know knew known | think thought | take took taken
-see saw seen | come came | give gave given | find found | tell told | become became
-leave left | feel felt | bring brought | begin began begun | keep kept | hold held
-write wrote written | stand stood | hear heard | mean meant | meet met | run ran | pay paid
-sit sat | speak spoke spoken | lie lay lain lied | lay laid | lead led | grow grew grown
-lose lost | fall fell fallen | send sent | build built | understand understood | draw drew drawn
-break broke broken | spend spent | rise rose risen | drive drove driven | buy bought
-wear wore worn | choose chose chosen | throw threw thrown | catch caught | eat ate eaten
-ride rode ridden | swim swam swum | sing sang sung | fly flew flown | hang hung hanged
-drink drank drunk | sleep slept | teach taught | fight fought | bite bit bitten | blow blew blown
-dig dug | feed fed | shoot shot | shake shook shaken | sell sold | sweep swept | hide hid hidden
-kneel knelt kneeled | light lit lighted | shine shone shined | slide slid | spin spun
-stick stuck | swing swung | tear tore torn | wake woke woken | win won | beat beaten | bend bent
-bleed bled | dive dove dived | freeze froze frozen | forget forgot forgotten | steal stole stolen
-strike struck | leap leapt leaped | sew sewed sewn | mow mowed mown | ring rang rung
-sink sank sunk | lend lent | bear bore borne born | seek sought | fit fitted | cut | hit | put
-set | let | shut | read | spread | cost | hurt
-"""
-
-# Irregular plurals (regular rules are still applied to the singular: "persons", "fishes").
-_IRREGULAR_NOUNS = """
-man men | woman women | child children | person people | foot feet | tooth teeth | mouse mice
-goose geese | ox oxen | knife knives | wife wives | life lives | leaf leaves | loaf loaves
-half halves | shelf shelves | wolf wolves | calf calves | thief thieves | scarf scarves | elf elves
-potato potatoes | tomato tomatoes | hero heroes | cactus cacti | fungus fungi | sheep | fish | deer
-"""
-
-# Past forms that are common words in their own right: as a keyword they are taken literally
-# ("left" the direction must not match "leaving"; "saw" the tool must not match "seeing").
-_AMBIGUOUS_FORMS = frozenset("left saw found felt fell rose bit lit shot dove spoke bore born ground".split())
-
-# Words ending in -s that are not plurals of a shorter word ("news" is not "new" + s).
-_NOT_PLURAL = frozenset("news series species means always perhaps sometimes towards afterwards besides".split())
+# Inflection tables (rewards/lexicon.py).  Matching is deliberately permissive: generating a non-word such
+# as "catted" costs nothing, while missing "threw" for "throw" makes the search chase a keyword it already has.
+_VERBS, _NOUNS, _BASE_OF = VERBS, NOUNS, BASE_OF
+_AMBIGUOUS_FORMS, _NOT_PLURAL = AMBIGUOUS_FORMS, NOT_PLURAL
 
 _VOWELS = "aeiou"
-
-
-def _parse_table(text: str) -> dict[str, tuple[str, ...]]:
-    table = {}
-    for entry in re.split(r"[|\n]", text):
-        if not entry.strip():
-            continue
-        base, *forms = entry.split()
-        table[base] = tuple(forms)
-    return table
-
-
-_VERBS = _parse_table(_IRREGULAR_VERBS)
-_NOUNS = _parse_table(_IRREGULAR_NOUNS)
-_BASE_OF: dict[str, set[str]] = {}  # irregular form -> its base(s), for keywords given inflected
-for _table in (_VERBS, _NOUNS):
-    for _base, _forms in _table.items():
-        for _form in _forms:
-            if _form not in _AMBIGUOUS_FORMS and _form not in _VERBS and _form not in _NOUNS:
-                _BASE_OF.setdefault(_form, set()).add(_base)
 
 
 def _is_cvc(w: str) -> bool:
@@ -427,7 +372,7 @@ def custom(fn: RewardFn, name: str | None = None, **kw: Any) -> Reward:
 # from_options' parameters shadow the factories of the same name.
 _keywords, _max_words, _min_words, _banned = keywords, max_words, min_words, banned
 _must_match, _must_not_match = must_match, must_not_match
-_OPTION_NAMES = ("keywords", "max_words", "min_words", "banned", "must_match", "must_not_match")
+_OPTION_NAMES = ("keywords", "max_words", "min_words", "banned", "must_match", "must_not_match", "well_formed")
 
 
 def from_options(
@@ -439,10 +384,15 @@ def from_options(
     must_match: str | Sequence[str] | None = None,
     must_not_match: str | Sequence[str] | None = None,
     weights: Mapping[str, float] | None = None,
+    well_formed: bool | None = None,
 ) -> WeightedSum:
     """Build the weighted sum described by CLI flags / batch-JSONL fields; options left as None are
     skipped, so nothing given yields an empty WeightedSum.  Every term has weight 1.0 unless ``weights``
-    (reward name -> weight, names as in ``_OPTION_NAMES``) says otherwise."""
+    (reward name -> weight, names as in ``_OPTION_NAMES``) says otherwise.
+
+    ``well_formed`` (see ``rewards/form.py``): None means "on when keywords are asked for" -- a list
+    of the keywords is what a coverage reward alone buys -- at weight ``WELL_FORMED_WEIGHT``; True /
+    False force it on / off."""
     weights = dict(weights or {})
     unknown = sorted(set(weights) - set(_OPTION_NAMES))
     if unknown:
@@ -458,4 +408,14 @@ def from_options(
     ):
         if value is not None:
             terms.append((build(value), weights.get(name, 1.0)))
+    if well_formed is None:
+        well_formed = keywords is not None
+    if not isinstance(well_formed, bool):
+        raise TypeError(f"well_formed must be true or false, got {well_formed!r}")
+    if well_formed:
+        terms.append((_well_formed(), weights.get("well_formed", WELL_FORMED_WEIGHT)))
     return WeightedSum(terms)
+
+
+# chosen on CommonGen dev rows 200-229 (README, "Fluent answers"): with lam 60 a non-sentence costs 30 nats
+WELL_FORMED_WEIGHT = 0.5

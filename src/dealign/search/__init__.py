@@ -20,15 +20,18 @@ def run_search(
     prompt_text: str = "",
     draft: Backend | None = None,
     on_commit: Callable[[list[int]], None] | None = None,
+    fluency_ids: Sequence[int] | None = None,
 ) -> SearchResult:
     """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts.
 
     ``on_commit(ids)``, if given, is called after every step with the tokens the answer is now sure
     to start with (they only grow; for best-of-n, the samples' common prefix); raising from it aborts
-    the search.  Streaming and time limits are built on it."""
+    the search.  Streaming and time limits are built on it.  ``fluency_ids``: DeAL's neutral context
+    (see ``deal_search``), needed when ``cfg.fluency > 0``."""
     reward = as_reward(reward)
     if cfg.strategy == "deal":
-        return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit)
+        return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
+                           fluency_ids=fluency_ids)
     if cfg.strategy == "beam":
         return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
     return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +33,8 @@ class SearchConfig:
     top_p: float = 1.0
     lookahead: int = 1
     lam: float = 20.0
+    fluency: float = 0.0
+    fluency_prompt: str = "Write one sentence."
     mode: Literal["token", "segment"] = "token"
     length_penalty: float = 0.0
     rollout_temperature: float = 0.0
@@ -55,6 +58,10 @@ class SearchConfig:
         need(self.temperature > 0, f"temperature must be > 0 (use strategy 'greedy' for temperature 0); got {self.temperature}")
         need(self.rollout_temperature >= 0, f"rollout_temperature must be >= 0; got {self.rollout_temperature}")
         need(self.lam >= 0, f"lam (the reward weight) must be >= 0; got {self.lam}")
+        need(isinstance(self.fluency, (int, float)) and not isinstance(self.fluency, bool) and math.isfinite(self.fluency)
+             and self.fluency >= 0, f"fluency (the weight of the answer's log-prob in a neutral context) must be a number >= 0; got {self.fluency!r}")
+        need(isinstance(self.fluency_prompt, str) and self.fluency_prompt.strip() != "",
+             f"fluency_prompt must be a non-empty string (the neutral request the answer is read after); got {self.fluency_prompt!r}")
         need(self.length_penalty >= 0, f"length_penalty must be >= 0; got {self.length_penalty}")
 
     def replace(self, **changes) -> "SearchConfig":
@@ -88,6 +95,7 @@ class Hypothesis:
     score: float
     finished: bool
     text: str = ""
+    fluency: float = 0.0  # log-prob of the tokens in the neutral context (0 when the search does not read it)
 
 
 @dataclass

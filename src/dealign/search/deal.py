@@ -21,7 +21,7 @@ import torch
 
 from ..backends.base import Backend, Beam, Sampler
 from ..rewards.base import WeightedSum
-from .config import Hypothesis, SearchConfig, SearchResult, SearchStats
+from .config import ConfigError, Hypothesis, SearchConfig, SearchResult, SearchStats
 
 
 def propose(next_logprobs: torch.Tensor, topk: int, top_p: float = 1.0) -> list[list[tuple[int, float]]]:
@@ -45,6 +45,11 @@ def normalised(logprob: float, n_tokens: int, length_penalty: float) -> float:
     return logprob / (max(n_tokens, 1) ** length_penalty) if length_penalty else logprob
 
 
+def objective(logprob: float, fluency: float, n_tokens: int, cfg: SearchConfig) -> float:
+    """The search's log-likelihood part: ``logP + cfg.fluency * logP_0`` (length-normalised when asked)."""
+    return normalised(logprob + cfg.fluency * fluency, n_tokens, cfg.length_penalty)
+
+
 @dataclass
 class _State:
     tokens: list[int]
@@ -52,36 +57,91 @@ class _State:
     reward: float = 0.0
     rewards: dict | None = None
     hyp: Hypothesis | None = None  # set once finished
+    fluency: float = 0.0  # log-prob of ``tokens`` in the neutral context
 
 
 class _Models:
     """The policy alone, or the policy plus a cheaper lookahead model (the paper's LLM1/LLM2) that
-    shares its tokenizer.  Hides which model ran the rollout from the search loop."""
+    shares its tokenizer, and optionally the fluency context: the policy's rows for the same answers
+    read after a neutral prompt.  Hides from the search loop which model ran the rollout and where the
+    context's rows are.
 
-    def __init__(self, policy: Backend, draft: Backend | None) -> None:
+    The context's rows ride in the policy's own batch (rows ``R..2R-1`` of an ``R``-state beam), so
+    they cost rows, never an extra sequential forward pass:
+
+    * token mode commits one token per step, and a candidate's log-prob in the context is read from
+      its state's context row.  Each context row lags one token behind its state: it feeds the token
+      its state committed last step in the same forward that rolls out the new candidates, and its
+      distribution after that token scores them.  ``R`` extra rows per step.
+    * segment mode commits the lookahead too, so every candidate has a context twin fed the same
+      tokens (``rollout(follow=...)``).  As many extra rows as candidates.
+    """
+
+    def __init__(self, policy: Backend, draft: Backend | None, context: Sequence[int] | None = None,
+                 segment: bool = False) -> None:
         self.policy, self.draft = policy, draft
+        self.context = list(context) if context else None
+        if self.context is not None and draft is not None:
+            raise ConfigError("fluency with a draft (lookahead) model is not supported; set fluency 0 or drop the draft model")
+        if self.context is not None and not policy.supports_follow:
+            raise ConfigError(f"fluency needs a backend that reads two prompts in one batch ({type(policy).__name__} "
+                              "does not); set fluency 0")
+        self.lag = self.context is not None and not segment and len(self.context) > 1
+        self.pending: list[int] = []  # token mode: the token each state's context row has yet to feed
 
     def prefill(self, ids: list[int]) -> tuple[Beam, Beam | None]:
+        if self.context is not None:
+            if self.lag:  # the context's last token is fed with the first candidates
+                self.pending = [self.context[-1]]
+                return self.policy.prefill_many([ids, self.context[:-1]]), None
+            return self.policy.prefill_many([ids, self.context]), None
         return self.policy.prefill(ids), (self.draft.prefill(ids) if self.draft else None)
 
+    def next_logprobs(self, beams) -> torch.Tensor:
+        """The policy states' next-token distributions (the context's rows are not states)."""
+        lp = beams[0].next_logprobs
+        return lp[: len(lp) // 2] if self.context is not None else lp
+
     def expand(self, beams, parents, cands, steps, segment, sampler):
-        """Roll out candidates; returns (tokens, logprobs under the policy, lengths, finished, handle)."""
+        """Roll out candidates; returns (tokens, logprobs under the policy, lengths, finished, handle,
+        logprobs in the fluency context ``[candidates, tokens]`` or None)."""
         pbeam, dbeam = beams
         forced = torch.tensor(cands, dtype=torch.long)[:, None]
+        n = len(parents)
+        if self.lag:
+            states = len(pbeam) // 2
+            ctx_rows = [states + i for i in range(states)]
+            ro = self.policy.rollout(pbeam, list(parents) + ctx_rows,
+                                     torch.cat([forced, torch.tensor(self.pending, dtype=torch.long)[:, None]]), steps,
+                                     sampler=sampler, follow=list(range(n)) + [0] * states)
+            after = self.policy.peek(ro, [n + i for i in range(states)], 1)  # each context row, pending token fed
+            ctx = after[torch.tensor(parents)].gather(1, forced)
+            return ro.tokens[:n], ro.logprobs[:n], ro.length[:n], ro.finished[:n], (ro, None), ctx
+        if self.context is not None:
+            states = len(pbeam) // 2
+            ro = self.policy.rollout(pbeam, list(parents) + [states + p for p in parents], forced.repeat(2, 1), steps,
+                                     sampler=sampler, feed_last=segment, follow=list(range(n)) * 2)
+            return ro.tokens[:n], ro.logprobs[:n], ro.length[:n], ro.finished[:n], (ro, None), ro.logprobs[n:]
         if self.draft is None:
             ro = self.policy.rollout(pbeam, parents, forced, steps, sampler=sampler, feed_last=segment)
-            return ro.tokens, ro.logprobs, ro.length, ro.finished, (ro, None)
+            return ro.tokens, ro.logprobs, ro.length, ro.finished, (ro, None), None
         dro = self.draft.rollout(dbeam, parents, forced, steps, sampler=sampler, feed_last=segment)
         if not segment:  # token mode: only the candidate is committed, its log-prob is the policy's
             lp = dro.logprobs.clone()
             lp[:, 0] = pbeam.next_logprobs[torch.tensor(parents)].gather(1, forced).squeeze(1)
-            return dro.tokens, lp, dro.length, dro.finished, (None, dro)
+            return dro.tokens, lp, dro.length, dro.finished, (None, dro), None
         # segment mode: the committed chunk is scored by the policy in one forward pass
         pro = self.policy.rollout(pbeam, parents, dro.tokens, 0)
-        return dro.tokens, pro.logprobs, dro.length, dro.finished, (pro, dro)
+        return dro.tokens, pro.logprobs, dro.length, dro.finished, (pro, dro), None
 
     def commit(self, beams, handle, rows, keep, segment, cands, parents):
         pro, dro = handle
+        n = len(parents)
+        if self.lag:  # each winner's context row is its parent's, having fed the parent's pending token
+            self.pending = [cands[r] for r in rows]
+            return self.policy.commit(pro, list(rows) + [n + parents[r] for r in rows], keep), None
+        if self.context is not None:
+            return self.policy.commit(pro, list(rows) + [n + r for r in rows], keep), None
         if self.draft is None:
             return self.policy.commit(pro, rows, keep), None
         if segment:
@@ -101,17 +161,28 @@ def deal_search(
     draft: Backend | None = None,
     lam: float | None = None,
     on_commit: Callable[[list[int]], None] | None = None,
+    fluency_ids: Sequence[int] | None = None,
 ) -> SearchResult:
     """Run DeAL for one prompt.  ``lam`` overrides ``cfg.lam`` (beam search is DeAL with lam 0).
+
+    With ``cfg.fluency > 0``, ``fluency_ids`` is the neutral start state (the chat template around
+    ``cfg.fluency_prompt``; ``Aligner.generate`` builds it) in which every committed token is read
+    too, and ``cfg.fluency`` times that log-prob joins the score.  Why: the policy after "use all of
+    these words: dog, frisbee, catch" finds "Dog, frisbee, catch." cheap, since it copies the prompt;
+    the same model after a plain "Write one sentence." finds it as unlikely as any reader would, while
+    a sentence costs about what it costs in the prompt's context (README, "Fluent answers").
 
     ``on_commit(ids)``, if given, is called after every step that the search goes on from with the
     tokens every possible answer now starts with (see :func:`certain_prefix`; it only grows); it may
     raise to abort the search (a server's time limit, a client gone)."""
     lam = cfg.lam if lam is None else lam
+    if cfg.fluency and not fluency_ids:
+        raise ConfigError("fluency > 0 needs the token ids of the neutral context (fluency_ids): Aligner.generate "
+                          "builds them from fluency_prompt; set fluency 0 to search without it")
     start = time.perf_counter()
     before = policy.counters.snapshot()
     d_before = draft.counters.forward_passes if draft else 0
-    models = _Models(policy, draft)
+    models = _Models(policy, draft, fluency_ids if cfg.fluency else None, segment=cfg.mode == "segment")
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = Sampler(temperature=cfg.rollout_temperature, generator=gen)
     segment = cfg.mode == "segment"
@@ -127,7 +198,7 @@ def deal_search(
         remaining = cfg.max_new_tokens - len(live[0].tokens)
         if remaining <= 0:
             break
-        actions = propose(beams[0].next_logprobs, cfg.topk, cfg.top_p)
+        actions = propose(models.next_logprobs(beams), cfg.topk, cfg.top_p)
         parents, cands, cand_lp = [], [], []
         for row, acts in enumerate(actions):
             for tok, lp in acts:
@@ -135,8 +206,9 @@ def deal_search(
                 cands.append(tok)
                 cand_lp.append(lp)
         steps = min(cfg.lookahead, remaining - 1)
-        tokens, logprobs, length, fin, handle = models.expand(beams, parents, cands, steps, segment, sampler)
+        tokens, logprobs, length, fin, handle, ctx_lp = models.expand(beams, parents, cands, steps, segment, sampler)
         tokens_l, logprobs_l = tokens.tolist(), logprobs.tolist()
+        ctx_l = ctx_lp.tolist() if ctx_lp is not None else None
 
         texts, commits = [], []
         for j, p in enumerate(parents):
@@ -149,7 +221,8 @@ def deal_search(
             else:
                 committed = span[:1]
                 lp = live[p].logprob + cand_lp[j]
-            commits.append((prefix + committed, lp, committed[-1] in policy.eos_ids))
+            flu = live[p].fluency + (sum(ctx_l[j][: len(committed)]) if ctx_l is not None else 0.0)
+            commits.append((prefix + committed, lp, committed[-1] in policy.eos_ids, flu))
         scores = reward.score(
             [prompt_text] * len(texts),
             texts,
@@ -161,12 +234,12 @@ def deal_search(
         stats.candidates_scored += len(texts)
 
         pool: list[tuple[float, _State, int]] = [(s.hyp.score, s, -1) for s in kept]
-        for j, (toks, lp, done) in enumerate(commits):
+        for j, (toks, lp, done, flu) in enumerate(commits):
             r = scores.total[j] if scores else 0.0
-            score = normalised(lp, len(toks), cfg.length_penalty) + lam * r
-            st = _State(toks, lp, r, scores.row(j) if scores else {})
+            score = objective(lp, flu, len(toks), cfg) + lam * r
+            st = _State(toks, lp, r, scores.row(j) if scores else {}, fluency=flu)
             if done:
-                st.hyp = Hypothesis(toks, lp, r, st.rewards, score, True, texts[j])
+                st.hyp = Hypothesis(toks, lp, r, st.rewards, score, True, texts[j], fluency=flu)
                 finished_all.append(st.hyp)
             pool.append((score, st, j))
         pool.sort(key=lambda x: -x[0])  # stable: ties keep proposal order
@@ -231,12 +304,13 @@ def _settled(finished: list[Hypothesis], winners, reward: WeightedSum, lam: floa
     if not finished:
         return False
     best = max(h.score for h in finished)
-    return all(best >= st.logprob + lam * bound for st, _ in winners)
+    return all(best >= st.logprob + cfg.fluency * st.fluency + lam * bound for st, _ in winners)
 
 
 def _as_hyp(policy: Backend, st: _State, score: float) -> Hypothesis:
     """A live state of the final beam; its reward is the one its lookahead earned."""
-    return Hypothesis(st.tokens, st.logprob, st.reward, st.rewards or {}, score, False, policy.decode(st.tokens))
+    return Hypothesis(st.tokens, st.logprob, st.reward, st.rewards or {}, score, False, policy.decode(st.tokens),
+                      fluency=st.fluency)
 
 
 def _unfinished(policy, reward, prompt_text, last_pool, cfg, lam) -> Hypothesis:
@@ -247,6 +321,6 @@ def _unfinished(policy, reward, prompt_text, last_pool, cfg, lam) -> Hypothesis:
     hyps = []
     for i, (st, text) in enumerate(zip(states, texts)):
         r = scores.total[i] if scores else 0.0
-        s = normalised(st.logprob, len(st.tokens), cfg.length_penalty) + lam * r
-        hyps.append(Hypothesis(st.tokens, st.logprob, r, scores.row(i) if scores else {}, s, False, text))
+        s = objective(st.logprob, st.fluency, len(st.tokens), cfg) + lam * r
+        hyps.append(Hypothesis(st.tokens, st.logprob, r, scores.row(i) if scores else {}, s, False, text, fluency=st.fluency))
     return max(hyps, key=lambda h: h.score)

@@ -133,7 +133,8 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
 
     async def _answer(request: Request, body, *, chat: bool, default_max_tokens: int):
         _check_model(body.model, model_name)
-        cfg, reward, prompt_options, settings = plan(body, limits, default_max_tokens=default_max_tokens)
+        cfg, reward, prompt_options, settings = plan(body, limits, default_max_tokens=default_max_tokens,
+                                                     defaults=getattr(aligner, "search_defaults", None))
         job = Job(body.job_prompt(), cfg, reward, prompt_options, body.stop or [],
                   deadline=time.monotonic() + limits.timeout,
                   coverage=settings.coverage if settings is not None else None)

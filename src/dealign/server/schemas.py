@@ -187,7 +187,8 @@ def _unknown_alignment(values: dict[str, Any]) -> str | None:
     return None
 
 
-def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int) -> tuple[SearchConfig, WeightedSum, dict, Settings | None]:
+def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int,
+         defaults: dict[str, Any] | None = None) -> tuple[SearchConfig, WeightedSum, dict, Settings | None]:
     """The search settings, reward and prompt options a request asks for, checked against the
     operator's limits: ``(config, reward, prompt_options, alignment settings or None)``.  Raises
     ``ApiError`` (400) naming the field and the limit."""
@@ -217,6 +218,7 @@ def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int) ->
                                param=f"alignment.{used[0]}", code="disabled")
         try:
             settings = Settings.from_values(request.alignment)
+            search = {**(defaults or {}), **search}  # the aligner's own defaults (fluency), under the request's
             _check_named_rewards(getattr(settings, "models", {}).get("named_rewards") or {}, limits)
             search.update(settings.search)
             if request.temperature is not None and search.get("strategy", SearchConfig.strategy) in ("sample", "best-of-n"):
