@@ -129,9 +129,12 @@ def test_aligner_from_remote_equals_local(tiny_aligner, tiny_tokenizer, engine, 
             assert r2.token_ids == r1.token_ids and r2.text == r1.text
         assert r2.stats["requests"] > 0 and r2.stats["round_trips"] > 0
         # unless told otherwise a remote search commits whole segments (round trips dominate); explicit settings win
-        seg = tiny_aligner.generate("a dog on the beach", reward=letters, max_new_tokens=8, mode="segment", lookahead=4)
+        # (a local aligner reads the fluency term by default, which a remote engine cannot: compare without it)
+        plain_deal = {"fluency": 0.0, "lam": 20.0}
+        seg = tiny_aligner.generate("a dog on the beach", reward=letters, max_new_tokens=8, mode="segment", lookahead=4,
+                                    **plain_deal)
         assert far.generate("a dog on the beach", reward=letters, max_new_tokens=8).token_ids == seg.token_ids
-        tok = tiny_aligner.generate("a dog on the beach", reward=letters, max_new_tokens=6)
+        tok = tiny_aligner.generate("a dog on the beach", reward=letters, max_new_tokens=6, **plain_deal)
         assert far.generate("a dog on the beach", reward=letters, max_new_tokens=6, mode="token", lookahead=1).token_ids == tok.token_ids
         with pytest.raises(ValueError, match="topk 7 is more than the 6 log-probabilities"):
             far.generate("a dog", search=SearchConfig(topk=7))
@@ -200,7 +203,8 @@ def test_cli_batch_through_the_engine(tiny_model_dir, tiny_model, tiny_tokenizer
         for extra in (["--engine-url", plain.url, "--engine-dialect", "vllm", "--engine-top-n", "6"], []):
             out = tmp_path / f"out{len(outs)}.jsonl"
             done = subprocess.run([sys.executable, "-m", "dealign", "generate", "--input", str(rows), "--output", str(out),
-                                   "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--mode", "token", "--lookahead", "2", *extra],
+                                   "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--mode", "token", "--lookahead", "2",
+                                   "--fluency", "0", "--lam", "20", *extra],
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr
             outs.append([json.loads(line) for line in out.read_text().splitlines()])

@@ -171,7 +171,7 @@ def test_named_model_reward_next_to_keywords(client, server, name):
     align = {**ALIGN, "named_rewards": {name: 0.5}}
     resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the dog"}], max_tokens=6,
                                           extra_body={"alignment": align})
-    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", name}
+    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", name, "well_formed"}
 
 
 def test_operator_limits_the_named_rewards_and_regexes(tiny_aligner):
@@ -492,7 +492,7 @@ def test_smollm2_aligned_chat_with_keyword_and_harmlessness_objectives():
         resp = srv.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=32,
                                                     extra_body={"alignment": align})
         report = extra(resp, "alignment")
-        assert set(report["rewards"]) == {"keywords", "harmless"}
+        assert set(report["rewards"]) == {"keywords", "harmless", "well_formed"}
         assert report["coverage"] == 1.0 and resp.choices[0].finish_reason == "stop", resp.choices[0].message.content
         pieces, _ = stream_text(list(srv.client().chat.completions.create(
             model="smollm2", messages=messages, max_tokens=32, stream=True, extra_body={"alignment": align})), chat=True)
