@@ -486,8 +486,9 @@ def test_smollm2_aligned_chat_with_keyword_and_harmlessness_objectives():
 
     srv = LoopbackServer(create_app(Aligner.from_pretrained(), ServerLimits(), model_name="smollm2"))
     try:
+        # the paper's score (fluency 0, lam 20): what this test measured before the fluency defaults
         align = {"keywords": ["dog", "frisbee", "catch"], "named_rewards": {"harmless": 0.5}, "beam": 4, "topk": 4,
-                 "lookahead": 1}
+                 "lookahead": 1, "fluency": 0.0, "lam": 20.0}
         messages = [{"role": "user", "content": "Write one short sentence that uses all of these words: dog, frisbee, catch."}]
         resp = srv.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=32,
                                                     extra_body={"alignment": align})
