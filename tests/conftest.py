@@ -112,7 +112,7 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
 def tiny_aligner(tiny_model, tiny_tokenizer):
     from dealign import Aligner
 
-    return Aligner(tiny_model, tiny_tokenizer, name="tiny")
+    return Aligner.from_model(tiny_model, tiny_tokenizer, name="tiny")
 
 
 @pytest.fixture(autouse=True, scope="session")

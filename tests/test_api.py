@@ -12,6 +12,7 @@ from dealign.rewards import Reward, RewardError
 from dealign.search import STRATEGIES, ConfigError
 
 FAST = {"max_new_tokens": 6, "beam": 2, "topk": 3, "lookahead": 2}
+NO_FLUENCY = {**FAST, "fluency": 0.0}  # the local default fluency term does not run with a draft model
 
 
 def letters(prompts, completions):
@@ -84,7 +85,7 @@ def test_instruction_becomes_the_system_message(tiny_aligner, tiny_tokenizer):
 
 
 def test_instruction_without_a_chat_template(tiny_model, plain_tokenizer):
-    aligner = Aligner(tiny_model, plain_tokenizer)
+    aligner = Aligner.from_model(tiny_model, plain_tokenizer)
     ids, _ = aligner.encode_prompt("a cat sleeps", instruction="Be kind.")
     assert plain_tokenizer.decode(ids) == "Be kind.\n\na cat sleeps"
     ids, _ = aligner.encode_prompt("a cat sleeps", response_prefix="Sure,")
@@ -242,6 +243,41 @@ def test_result_to_dict_is_json_serialisable(tiny_aligner):
     assert all({"text", "score", "logprob", "reward", "finished"} <= set(h) for h in data["beam"])
 
 
+def test_search_settings_order_defaults_then_search_then_overrides(tiny_aligner, monkeypatch):
+    import dealign.api as api
+
+    seen: list[SearchConfig] = []
+    real = api.run_search
+    monkeypatch.setattr(api, "run_search", lambda backend, ids, reward, cfg, **kw: seen.append(cfg) or real(
+        backend, ids, reward, cfg, **kw))
+    defaults = tiny_aligner.search_defaults
+    assert defaults["lam"] != 5.0 and defaults["fluency"] != SearchConfig.fluency  # the local defaults are in play
+    # a dict names some fields: the aligner's defaults fill in the rest, as they do for keyword overrides
+    by_dict = tiny_aligner.generate("a cat", search={**FAST, "lam": 5.0})
+    assert (seen[-1].lam, seen[-1].fluency) == (5.0, defaults["fluency"])
+    by_keywords = tiny_aligner.generate("a cat", **FAST, lam=5.0)
+    assert seen[-1] == seen[-2] and by_keywords.token_ids == by_dict.token_ids
+    tiny_aligner.generate("a cat", search={**FAST, "lam": 5.0}, lam=7.0)  # keywords win over the dict
+    assert (seen[-1].lam, seen[-1].fluency) == (7.0, defaults["fluency"])
+    # a SearchConfig states every field, so it replaces the defaults; keywords still apply on top
+    tiny_aligner.generate("a cat", search=SearchConfig(**FAST))
+    assert seen[-1] == SearchConfig(**FAST)
+    tiny_aligner.generate("a cat", search=SearchConfig(**FAST), fluency=0.5)
+    assert seen[-1] == SearchConfig(**FAST, fluency=0.5)
+
+
+def test_the_constructor_takes_any_backend_and_its_defaults(tiny_aligner, tiny_tokenizer):
+    plain = Aligner(tiny_aligner.backend, tiny_tokenizer)  # no search_defaults: SearchConfig's own
+    assert plain.search_defaults == {} and plain.draft is None and plain.name == "tiny"
+    a = plain.generate("the dog catches a", reward=letters, **FAST)
+    b = tiny_aligner.generate("the dog catches a", reward=letters, search=SearchConfig(**FAST))
+    assert a.token_ids == b.token_ids
+    tuned = Aligner(tiny_aligner.backend, tiny_tokenizer, search_defaults={"lam": 3.0})
+    c = tuned.generate("the dog catches a", reward=letters, **FAST)
+    assert c.token_ids == tiny_aligner.generate("the dog catches a", reward=letters,
+                                                search=SearchConfig(**FAST, lam=3.0)).token_ids
+
+
 # loading ----------------------------------------------------------------------------------------------
 
 
@@ -256,15 +292,15 @@ def test_from_pretrained_loads_a_folder(tiny_model_dir, tiny_aligner):
 def test_from_pretrained_with_a_draft_model(tiny_model_dir):
     aligner = Aligner.from_pretrained(str(tiny_model_dir), draft_model=str(tiny_model_dir))
     assert aligner.draft is not None
-    res = aligner.generate("the dog catches a", reward=letters, search=FAST)
+    res = aligner.generate("the dog catches a", reward=letters, search=NO_FLUENCY)
     assert res.stats["draft_forward_passes"] > 0
 
 
 def test_draft_model_is_used(tiny_model, tiny_draft, tiny_tokenizer):
-    aligner = Aligner(tiny_model, tiny_tokenizer, draft=(tiny_draft, tiny_tokenizer))
-    res = aligner.generate("the dog catches a", reward=letters, search=FAST)
+    aligner = Aligner.from_model(tiny_model, tiny_tokenizer, draft=(tiny_draft, tiny_tokenizer))
+    res = aligner.generate("the dog catches a", reward=letters, search=NO_FLUENCY)
     assert res.stats["draft_forward_passes"] > 0
-    alone = Aligner(tiny_model, tiny_tokenizer).generate("the dog catches a", reward=letters, search=FAST)
+    alone = Aligner.from_model(tiny_model, tiny_tokenizer).generate("the dog catches a", reward=letters, search=NO_FLUENCY)
     assert alone.stats["draft_forward_passes"] == 0
 
 
@@ -280,7 +316,7 @@ def test_draft_with_a_different_tokenizer_is_rejected(tiny_model, tiny_tokenizer
     other = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     other_model = build_model(other, seed=3, layers=1, hidden=32)
     with pytest.raises(ValueError, match="share the policy's tokenizer"):
-        Aligner(tiny_model, tiny_tokenizer, draft=(other_model, other))
+        Aligner.from_model(tiny_model, tiny_tokenizer, draft=(other_model, other))
 
 
 def test_model_without_eos_is_rejected(tiny_model, plain_tokenizer):
@@ -292,4 +328,4 @@ def test_model_without_eos_is_rejected(tiny_model, plain_tokenizer):
     tok = copy.deepcopy(plain_tokenizer)
     tok.eos_token = None
     with pytest.raises(ValueError, match="end-of-sequence"):
-        Aligner(model, tok)
+        Aligner.from_model(model, tok)

@@ -89,6 +89,21 @@ def test_unset_search_flags_fall_back_to_searchconfig_defaults(cli, monkeypatch)
     assert "instruction" not in seen and "response_prefix" not in seen
 
 
+def test_every_setting_is_a_generate_flag():
+    """A setting reaches ``dealign generate`` by a flag of its name (or one parsed into it): adding a
+    search field is the field plus its option, never a third list to keep in step."""
+    import inspect
+
+    from dealign.cli.main import _PARSED_FLAGS, _setting_values, generate
+    from dealign.settings import SETTING_FIELDS
+
+    flags = set(inspect.signature(generate).parameters)
+    assert set(SETTING_FIELDS) - flags == set(_PARSED_FLAGS)
+    values = _setting_values({**{name: None for name in flags}, "lam": 2.0, "must_match": [], "weight": ["keywords=0.5"]})
+    assert set(values) == set(SETTING_FIELDS)
+    assert (values["lam"], values["must_match"], values["weights"]) == (2.0, None, {"keywords": 0.5})
+
+
 def test_json_output_has_the_result_fields_and_coverage(cli):
     result = cli("generate", "the dog", *SMALL, "--keywords", "dog,frisbee", "--max-words", "20",
                  "--weight", "keywords=0.7", "--json")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dealign.cli.evaluate import run_eval
-from dealign.cli.options import UsageError
+from dealign.errors import UsageError
 from dealign.evaluation.tasks import LENGTH, TASKS
 
 

@@ -204,5 +204,5 @@ def test_a_tokenizer_that_cannot_decode_is_refused_in_one_line(tiny_model, tiny_
             raise TypeError("no decoder")
 
     with pytest.raises(ValueError, match="cannot decode token ids to text") as err:
-        Aligner(tiny_model, Broken(), name="broken")
+        Aligner.from_model(tiny_model, Broken(), name="broken")
     assert "\n" not in str(err.value)

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dealign.cli.main import app
-from dealign.cli.options import Settings
+from dealign.settings import Settings
 
 SMALL = ["--max-new-tokens", "6", "--beam", "2", "--topk", "2", "--lookahead", "2"]
 TIMING = ("seconds",)  # the only fields allowed to differ between runs
@@ -175,8 +175,8 @@ class _FakeActor:
 
 
 def test_reorder_buffer_writes_a_growing_prefix_under_out_of_order_completion(tmp_path):
-    from dealign.cli.batch import Job
-    from dealign.cli.parallel import _drive
+    from dealign.batch import Job
+    from dealign.batch.ray_runner import _drive
 
     class Bar:
         def update(self):
@@ -203,16 +203,19 @@ def test_reorder_buffer_writes_a_growing_prefix_under_out_of_order_completion(tm
     assert max(seen) < 50 + 8  # never more than `window` rows past the first unwritten one
 
 
-def test_the_spec_builds_a_remote_engine_client_with_the_cli_loader(monkeypatch, tmp_path):
-    """Workers receive *how* to build the aligner; with an engine URL that is the CLI's remote loader."""
-    import dealign.cli.loading as loading
-    from dealign.cli.parallel import AlignerSpec
+def test_the_spec_builds_a_remote_engine_client(monkeypatch, tmp_path):
+    """Workers receive *how* to build the aligner; with an engine URL that is ``Aligner.from_remote``."""
+    from dealign.api import Aligner
+    from dealign.batch import AlignerSpec
 
     seen = {}
-    monkeypatch.setattr(loading, "load_remote", lambda url, **kw: seen.update(url=url, **kw) or "client")
+    monkeypatch.setattr(Aligner, "from_remote", classmethod(lambda cls, url, **kw: seen.update(url=url, **kw) or "client"))
     spec = AlignerSpec("tok", engine_url="http://127.0.0.1:9", engine_dialect="vllm", engine_model="m", engine_top_n=8)
     assert spec.build() == "client"
     assert seen == {"url": "http://127.0.0.1:9", "dialect": "vllm", "tokenizer": "tok", "model": "m", "top_n": 8}
+    seen.clear()
+    assert AlignerSpec(engine_url="http://127.0.0.1:9").build() == "client"
+    assert seen == {"url": "http://127.0.0.1:9", "tokenizer": None}  # unset options: the API's defaults
     (tmp_path / "rel").mkdir()
     monkeypatch.chdir(tmp_path)
     assert AlignerSpec("rel").localized().model == str(tmp_path / "rel")  # paths survive another cwd

@@ -298,7 +298,8 @@ def test_weighted_sum_with_model_rewards_is_a_plain_weighted_sum(tiny_rm):
 
 
 def test_model_rewards_can_be_scheduled_from_the_cli_and_batch_fields(tiny_model_dir, tmp_path):
-    from dealign.cli.options import Settings, UsageError
+    from dealign.errors import UsageError
+    from dealign.settings import Settings
 
     total = Settings.from_values({"named_rewards": {"sentiment": 1.0}, "keywords": "dog",
                                   "reward_every_n_tokens": 4, "reward_finished_only": True}).build_reward()

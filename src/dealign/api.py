@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from .backends.base import Backend
 from .backends.hf import HFBackend
+from .errors import ModelLoadError
 from .models.loading import load
 from .rewards.base import as_reward
 from .search import SearchConfig, SearchResult, run_search
@@ -40,29 +42,42 @@ class GenerationResult:
 
 
 class Aligner:
-    """A causal LM ready for decoding-time alignment.
+    """A language model ready for decoding-time alignment: a ``Backend`` the search drives and the
+    tokenizer that turns prompts into its start state.
 
-    ``draft`` is an optional cheaper model sharing the tokenizer that runs the lookahead rollouts
+    Build one with a factory: ``Aligner.from_pretrained(name_or_path)`` (a packaged model, a folder, a
+    GGUF file), ``Aligner.from_model(model, tokenizer)`` (a ``transformers`` model you hold) or
+    ``Aligner.from_remote(url)`` (a serving engine).  The constructor takes any ``Backend``.
+
+    ``draft`` is an optional cheaper backend sharing the tokenizer that runs the lookahead rollouts
     (the paper's LLM2); the policy still proposes the actions and scores the committed tokens.
+    ``search_defaults`` are the search settings this aligner uses where a call does not give them
+    (``generate`` explains the order); the factories set the ones that suit their backend.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, draft: tuple[Any, Any] | None = None, name: str = "model"):
-        self.tokenizer = tokenizer
-        _check_decodes(tokenizer, name)
-        self.backend = HFBackend(model, tokenizer, name=name)
-        self.draft = None
+    def __init__(self, backend: Backend, tokenizer: Any, *, draft: Backend | None = None,
+                 search_defaults: Mapping[str, Any] | None = None) -> None:
+        self.name = str(getattr(backend, "name", "model"))
+        _check_decodes(tokenizer, self.name)
         if draft is not None:
-            d_model, d_tok = draft
+            d_tok = getattr(draft, "tokenizer", tokenizer)
             probe = "Decoding-time alignment checks the tokenizers agree."
             if d_tok.encode(probe) != tokenizer.encode(probe) or len(d_tok) != len(tokenizer):
                 raise ValueError(
                     "the lookahead (draft) model must share the policy's tokenizer; they encode text differently. "
                     "Pick a draft model from the same family."
                 )
-            self.draft = HFBackend(d_model, d_tok, name="draft")
-        # what SearchConfig() (the paper's plain DeAL) leaves out for a local model: the fluency term
-        self.search_defaults: dict[str, Any] = dict(LOCAL_SEARCH_DEFAULTS)
-        self.name = name
+        self.backend, self.tokenizer, self.draft = backend, tokenizer, draft
+        self.search_defaults: dict[str, Any] = dict(search_defaults or {})
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, draft: tuple[Any, Any] | None = None,
+                   name: str = "model") -> "Aligner":
+        """A ``transformers`` causal LM and its tokenizer (``draft``: an optional ``(model, tokenizer)``
+        for the lookahead), with the local search defaults (the fluency term)."""
+        draft_backend = HFBackend(*draft, name="draft") if draft is not None else None
+        return cls(HFBackend(model, tokenizer, name=name), tokenizer, draft=draft_backend,
+                   search_defaults=LOCAL_SEARCH_DEFAULTS)
 
     @classmethod
     def from_pretrained(
@@ -79,7 +94,7 @@ class Aligner:
         if draft_model is not None:
             d = load(draft_model, dtype=dtype, device=device)
             draft = (d.model, d.tokenizer)
-        return cls(loaded.model, loaded.tokenizer, draft=draft, name=str(model or "smollm2"))
+        return cls.from_model(loaded.model, loaded.tokenizer, draft=draft, name=str(model or "smollm2"))
 
     @classmethod
     def from_remote(
@@ -99,18 +114,12 @@ class Aligner:
         SmolLM2); the chat template is applied here and only token ids travel.  ``model`` is the served
         model's name for the OpenAI dialect (default: the first of ``GET /v1/models``).  ``top_n``
         log-probabilities per position must cover the search's ``topk``.  See ``backends/remote.py``."""
-        from .backends.remote import RemoteBackend
+        from .backends.remote import RemoteBackend  # httpx: only for a remote engine
 
         tok, eos = (tokenizer, None) if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
-        self = cls.__new__(cls)
-        self.tokenizer = tok
-        self.backend = RemoteBackend(url, tok, dialect=dialect, model=model, top_n=top_n, concurrency=concurrency,
-                                     timeout=timeout, eos_ids=eos)
-        self.draft = None
-        # every token-mode step is a round trip per candidate: commit whole segments unless told otherwise
-        self.search_defaults = dict(REMOTE_SEARCH_DEFAULTS)
-        self.name = f"{dialect}@{url}"
-        return self
+        backend = RemoteBackend(url, tok, dialect=dialect, model=model, top_n=top_n, concurrency=concurrency,
+                                timeout=timeout, eos_ids=eos, name=f"{dialect}@{url}")
+        return cls(backend, tok, search_defaults=REMOTE_SEARCH_DEFAULTS)
 
     # prompts -------------------------------------------------------------------------------------
     def encode_prompt(
@@ -166,11 +175,15 @@ class Aligner:
         overrides such as ``strategy="greedy"``), maximising ``reward`` (a ``Reward``, a weighted sum
         of them, or any callable ``f(prompts, completions) -> list[float]``).
 
+        Which settings win, lowest first: ``SearchConfig``'s defaults, this aligner's
+        ``search_defaults``, ``search``, the keyword overrides.  A dict ``search`` names only some
+        fields, so the aligner's defaults fill in the rest; a ``SearchConfig`` states every field, so
+        it replaces both levels of defaults (build it as ``SearchConfig(**aligner.search_defaults, ...)``
+        to keep them).
+
         ``on_commit(token_ids)`` is called after every search step with the answer's tokens that are
         already certain (a growing prefix; see ``run_search``); raising from it aborts the search."""
-        if search is None:
-            overrides = {**self.search_defaults, **overrides}
-        cfg = _config(search, overrides)
+        cfg = _config(search, overrides, self.search_defaults)
         rsum = as_reward(reward)
         ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
         check = getattr(self.backend, "check_search", None)  # a remote engine: top_n must cover topk
@@ -204,7 +217,7 @@ def load_tokenizer(spec: str | None = None) -> tuple[Any, set[int] | None]:
     from transformers import AutoTokenizer, GenerationConfig
 
     from .backends.base import eos_ids_of
-    from .models.loading import ModelLoadError, resolve
+    from .models.loading import resolve
 
     where = resolve(spec)
     kwargs = {"local_files_only": True} if not hasattr(where, "is_dir") else {}
@@ -234,22 +247,22 @@ def _check_decodes(tokenizer: Any, name: str) -> None:
                          "load the model with a tokenizer that decodes")
 
 
-def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> SearchConfig:
-    if search is None:
-        search = SearchConfig()
-    elif isinstance(search, Mapping):
-        search = _from_mapping(search)
+def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any],
+            defaults: Mapping[str, Any]) -> SearchConfig:
+    """The search settings of one call: defaults < search < overrides (see ``Aligner.generate``)."""
+    if search is None or isinstance(search, Mapping):
+        search = SearchConfig(**{**defaults, **_known(search or {})})
     elif not isinstance(search, SearchConfig):
         raise TypeError(f"search must be a SearchConfig or a dict of its fields, got {type(search).__name__}")
     return search.replace(**overrides) if overrides else search
 
 
-def _from_mapping(values: Mapping[str, Any]) -> SearchConfig:
+def _known(values: Mapping[str, Any]) -> Mapping[str, Any]:
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"unknown search settings {unknown}; known: {sorted(known)}")
-    return SearchConfig(**values)
+    return values
 
 
 def _to_result(result: SearchResult, cfg: SearchConfig, prompt_tokens: int) -> GenerationResult:

@@ -68,9 +68,9 @@ def run_demo(model: Any = None, n: int = 4, console: Console | None = None) -> d
     if hasattr(model, "generate"):
         aligner = model
     else:
-        from .cli.loading import load_aligner  # progress notes on stderr
+        from .batch import AlignerSpec  # progress notes on stderr
 
-        aligner = load_aligner(model)
+        aligner = AlignerSpec(model).build()
 
     rows = []
     for words in CONCEPT_SETS[:n]:

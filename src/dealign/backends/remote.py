@@ -31,16 +31,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models.loading import ModelLoadError
+from ..errors import RemoteEngineError
 from .base import Backend, Beam, Counters, Rollout, Sampler, eos_ids_of
 
 DIALECTS = ("llamacpp", "vllm")
 _NEG = -1e30  # llama.cpp writes log(0) as the lowest float (JSON has no -inf)
-
-
-class RemoteEngineError(ModelLoadError):
-    """The engine is unreachable, refused a request or cannot serve what the search needs; the
-    message says which and what to change."""
 
 
 @dataclass

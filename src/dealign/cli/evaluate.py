@@ -6,23 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import platform
 import sys
 from pathlib import Path
 
-from .options import Settings, UsageError
+from ..batch import AlignerSpec, run_batch
+from ..errors import ModelLoadError, ResumeError, UsageError
+from ..settings import SEARCH_FIELDS, Settings, check_search_value
 
 
 def _judge(spec: str | None, policy_loader):
     """The fluency judge: a model other than the policy (Gemma 3 270M when installed)."""
     from ..evaluation.metrics import mean_token_nll
-    from ..models.loading import ModelLoadError
-    from .loading import load_aligner
 
     for name in ([spec] if spec else ["gemma3-270m"]):
         try:
-            judge = load_aligner(name)
+            judge = AlignerSpec(name).build()
             chat = bool(getattr(judge.tokenizer, "chat_template", None))  # a chat model judges the answer in context
             return name, lambda p, t: mean_token_nll(judge, p, t, chat=chat)
         except ModelLoadError as exc:
@@ -53,8 +54,6 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
     from ..evaluation.tasks import TASKS
     from ..api import LOCAL_SEARCH_DEFAULTS
     from ..search import SearchConfig
-    from .batch import ResumeError, run_batch
-    from .loading import load_aligner
 
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
@@ -67,7 +66,7 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if judge and t.fluency:  # a judge that cannot be found fails now, not after the whole run
-        from ..models.loading import ModelLoadError, resolve
+        from ..models.loading import resolve
 
         try:
             resolve(judge)
@@ -79,15 +78,8 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
         judge_sentence("The judge is ready.")  # the sentence parser: JudgeUnavailable names the install
     inp, outp = out / "input.jsonl", out / "output.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    aligner = None
-
-    def load():
-        nonlocal aligner
-        aligner = aligner or load_aligner(model)
-        return aligner
-
-    from .parallel import AlignerSpec
-
+    spec = AlignerSpec(model)
+    policy = functools.cache(spec.build)  # built once, for the answers and (failing another) the fluency judge
     config = {"task": task, "n": n, "offset": offset, "seed": seed, "model": model,
               "max_new_tokens": max_new_tokens, "strategies": {s: rows_for(rows, s) for s in strategies},
               "search_defaults": dataclasses.asdict(SearchConfig(**LOCAL_SEARCH_DEFAULTS)), "instruction": t.instruction,
@@ -103,13 +95,13 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
                              "add --fresh to start it over, or give another --out")
     previous.write_text(json.dumps(config, indent=2), encoding="utf-8")  # now, so an interrupted run is checked too
     try:
-        run_batch(inp, outp, Settings.from_values({}), load, resume=resume, workers=workers, spec=AlignerSpec(model))
+        run_batch(inp, outp, Settings.from_values({}), spec, resume=resume, workers=workers, build=policy)
     except ResumeError as exc:
         raise UsageError(f"{out} holds a run with other settings ({exc.reason}); "
                          "add --fresh to start it over, or give another --out") from None
     answers = [json.loads(line) for line in outp.read_text(encoding="utf-8").splitlines() if line.strip()]
     if t.fluency:
-        judge_name, nll = _judge(judge, load)
+        judge_name, nll = _judge(judge, policy)
         print(f"scoring fluency with {judge_name} ...", file=sys.stderr)
     else:  # harm tasks: --judge is the yes/no LM judge of harmlessness (and helpfulness)
         judge_name, nll = judge or "smollm2 (packaged)", None
@@ -154,8 +146,6 @@ def parse_strategy_settings(items: list[str] | None) -> dict[str, dict]:
     """``["deal.lookahead=2", "best-of-n.n=16"]`` -> ``{"deal": {"lookahead": 2}, "best-of-n": {"n": 16}}``:
     search settings per strategy label (the label is everything before the last dot of the name, so
     ``"deal w=.75/.25.lam=5"`` works too); values are type-checked like the batch fields."""
-    from .options import SEARCH_FIELDS, _check_search_value
-
     out: dict[str, dict] = {}
     for item in items or []:
         name, sep, raw = item.rpartition("=")
@@ -169,5 +159,5 @@ def parse_strategy_settings(items: list[str] | None) -> dict[str, dict]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw.strip()
-        out.setdefault(label, {})[field] = _check_search_value(field, value)
+        out.setdefault(label, {})[field] = check_search_value(field, value)
     return out

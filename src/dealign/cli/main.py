@@ -15,10 +15,11 @@ from typing import Annotated, Iterator, List, Optional
 import typer
 
 from ..api import LOCAL_SEARCH_DEFAULTS
-from ..models.loading import ModelLoadError
+from ..batch import AlignerSpec, run_batch
+from ..errors import ModelLoadError, UsageError
 from ..search import STRATEGIES, SearchConfig
 from ..server.limits import ServerLimits
-from .options import Settings, UsageError, parse_weights
+from ..settings import SETTING_FIELDS, Settings, parse_weights
 
 app = typer.Typer(
     name="dealign",
@@ -120,6 +121,7 @@ def generate(
     reward_finished_only: Annotated[Optional[bool], typer.Option("--reward-finished-only", help="Score the model rewards only on finished answers (0 before).", show_default=False, rich_help_panel=_R)] = None,
 ) -> None:
     """Generate an answer to PROMPT, or to every row of --input (JSONL) into --output."""
+    options = dict(locals())  # the flags named after a setting reach Settings as they are (see _setting_values)
     with reported_errors():
         if prompt is not None and input is not None:
             raise UsageError("give either a PROMPT or --input FILE, not both")
@@ -135,50 +137,40 @@ def generate(
             raise UsageError("--workers is for batch mode: add --input FILE --output FILE")
         if input is not None and (json_out or explain):
             raise UsageError("--json and --explain are for a single PROMPT; batch output is always JSONL")
-        base = Settings.from_values(
-            dict(
-                strategy=strategy, mode=mode, beam=beam, topk=topk, top_p=top_p, lookahead=lookahead, lam=lam,
-                fluency=fluency, fluency_prompt=fluency_prompt, length_penalty=length_penalty, rollout_temperature=rollout_temperature, temperature=temperature,
-                n=n, seed=seed, max_new_tokens=max_new_tokens, early_stop=early_stop,
-                instruction=instruction, response_prefix=response_prefix,
-                keywords=keywords, keyword_mode=keyword_mode, max_words=max_words, min_words=min_words,
-                banned=banned, well_formed=well_formed, must_match=must_match or None, must_not_match=must_not_match or None,
-                weights=parse_weights(weight),
-                named_rewards=parse_weights(reward, "--reward", "harmless=0.75", default=1.0),
-                reward_model=reward_model or None,
-                reward_every_n_tokens=reward_every_n_tokens, reward_finished_only=reward_finished_only,
-            )
-        )
-        from .loading import load_aligner
-
-        def load():
-            if engine_url is not None:
-                from .loading import load_remote
-
-                return load_remote(engine_url, dialect=engine_dialect, tokenizer=model, model=engine_model, top_n=engine_top_n)
-            return load_aligner(model, draft_model=draft_model, dtype=dtype, device=device)
-
+        base = Settings.from_values(_setting_values(options))
         if engine_url is None and (engine_dialect or engine_model or engine_top_n):
             raise UsageError("--engine-dialect, --engine-model and --engine-top-n need --engine-url URL")
         if engine_url is not None and (draft_model or dtype or device):
             raise UsageError("--draft-model, --dtype and --device are for a local model; with --engine-url the engine runs the model")
-
+        spec = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device, engine_url=engine_url,
+                           engine_dialect=engine_dialect, engine_model=engine_model, engine_top_n=engine_top_n)
         if input is not None:
-            from .batch import run_batch
-            from .parallel import AlignerSpec
-
-            spec = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device, engine_url=engine_url,
-                               engine_dialect=engine_dialect, engine_model=engine_model, engine_top_n=engine_top_n)
-            run_batch(input, output, base, load, resume=resume, workers=workers, spec=spec)
+            run_batch(input, output, base, spec, resume=resume, workers=workers)
             return
-        _generate_one(prompt, base, load, json_out=json_out, explain=explain)
+        _generate_one(prompt, base, spec, json_out=json_out, explain=explain)
 
 
-def _generate_one(prompt: str, base: Settings, load, *, json_out: bool, explain: bool) -> None:
+# flags whose value is parsed into a setting of another name; every other flag named after a setting
+# (SETTING_FIELDS: a SearchConfig field, a reward option, ...) is passed on as it is
+_PARSED_FLAGS = {
+    "weights": lambda o: parse_weights(o["weight"]),
+    "named_rewards": lambda o: parse_weights(o["reward"], "--reward", "harmless=0.75", default=1.0),
+}
+
+
+def _setting_values(options: dict) -> dict:
+    """``generate``'s flags as ``Settings.from_values`` takes them: a repeatable flag given no times
+    is unset, like any other flag left out."""
+    values = {name: options[name] for name in SETTING_FIELDS if name in options}
+    values.update({name: parse(options) for name, parse in _PARSED_FLAGS.items()})
+    return {name: None if isinstance(v, (list, tuple)) and not v else v for name, v in values.items()}
+
+
+def _generate_one(prompt: str, base: Settings, spec: AlignerSpec, *, json_out: bool, explain: bool) -> None:
     base.config()  # bad settings fail before the model loads
     reward = base.build_reward()
     # only the given settings: the rest are the aligner's defaults (segment mode for a remote engine)
-    result = load().generate(prompt, reward=reward, **base.search, **base.prompt)
+    result = spec.build().generate(prompt, reward=reward, **base.search, **base.prompt)
     if json_out:
         data = result.to_dict()
         coverage = base.coverage(result.text)
@@ -328,9 +320,7 @@ def serve(
             import torch
 
             torch.set_num_threads(threads)
-        from .loading import load_aligner
-
-        aligner = load_aligner(model, draft_model=draft_model, dtype=dtype, device=device)
+        aligner = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device).build()
         run_server(aligner, limits, host=host, port=port, model_name=model_name or _served_name(model), log_level=log_level)
 
 

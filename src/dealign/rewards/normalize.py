@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import Reward, RewardError
+from ..errors import RewardError
+from .base import Reward
 
 METHODS = ("quantile", "zscore")
 _POINTS = 101  # quantiles kept: 0 %, 1 %, ..., 100 %

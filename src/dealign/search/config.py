@@ -7,12 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..errors import ConfigError
+
 STRATEGIES = ("deal", "greedy", "sample", "beam", "best-of-n")
 Strategy = Literal["deal", "greedy", "sample", "beam", "best-of-n"]
-
-
-class ConfigError(ValueError):
-    """A search setting is out of range; the message names it and the allowed values."""
 
 
 @dataclass

@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..backends.base import Backend, Beam, Sampler
+from ..errors import ConfigError
 from ..rewards.base import WeightedSum
-from .config import ConfigError, Hypothesis, SearchConfig, SearchResult, SearchStats
+from .config import Hypothesis, SearchConfig, SearchResult, SearchStats
 
 
 def propose(next_logprobs: torch.Tensor, topk: int, top_p: float = 1.0) -> list[list[tuple[int, float]]]:

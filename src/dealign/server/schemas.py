@@ -1,10 +1,11 @@
 """Request bodies of the OpenAI endpoints and their translation into a search job.
 
 Bodies are pydantic models in strict mode (``"max_tokens": "5"`` or ``true`` is an error, not a
-coercion) that reject unknown fields.  The ``alignment`` object goes through the command line's own
-path (``cli.options.Settings``): its fields are exactly the ``dealign generate`` options and batch
-JSONL fields (reward options, search settings, ``instruction``, ``response_prefix``), checked the
-same way, so the server, the CLI and batch files can never disagree on what a field means.
+coercion) that reject unknown fields.  The ``alignment`` object goes through the request settings the
+command line and batch files use (``dealign.settings.Settings``): its fields are exactly the
+``dealign generate`` options and batch JSONL fields (reward options, search settings, ``instruction``,
+``response_prefix``), checked the same way, so the server, the CLI and batch files can never disagree
+on what a field means.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..cli.options import INPUT_FIELDS, KNOWN_FIELDS, Settings
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
+from ..settings import INPUT_FIELDS, KNOWN_FIELDS, Settings
 from .limits import ServerLimits
 
 # OpenAI request fields that map onto search settings; the alignment object must not repeat them

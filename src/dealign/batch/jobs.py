@@ -1,9 +1,9 @@
-"""Batch mode: one JSONL line in, one JSONL line out, resumable.
+"""Batch jobs: one JSONL line in, checked and built; one output row out; resuming an output.
 
-Every input line is parsed and checked (JSON, prompt, settings, reward) before the model is loaded,
-so a typo on line 900 fails in a second instead of after an hour.  Each answer is written and
-flushed as soon as it is ready, which is what makes ``--resume`` (skip as many rows as the output
-already holds) safe after an interruption.
+Every input line is parsed and checked (JSON, prompt, settings, reward) before any model is loaded,
+so a typo on line 900 fails in a second instead of after an hour.  The runners (``serial``,
+``ray_runner``) write each row as soon as it may be written, which is what makes resuming (skip as
+many rows as the output already holds, ``rows_done``) safe after an interruption.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ..errors import ResumeError, UsageError
 from ..jsonl import json_lines
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
-from .options import Settings, UsageError, unknown_field_hints
+from ..settings import Settings, unknown_field_hints
 
 
 @dataclass
@@ -91,14 +92,6 @@ def read_jobs(path: Path, base: Settings) -> list[Job]:
     return jobs
 
 
-class ResumeError(UsageError):
-    """An existing output that cannot be continued; ``reason`` says why, for callers with their own advice."""
-
-    def __init__(self, output: Path, reason: str) -> None:
-        super().__init__(f"cannot resume: {output}: {reason}; use another --output or drop --resume to start over")
-        self.reason = reason
-
-
 def rows_done(output: Path, jobs: list[Job]) -> int:
     """How many rows an existing output already holds (for --resume).  A last line cut off
     mid-write is dropped; an output that does not match the input is refused rather than mixed."""
@@ -146,46 +139,3 @@ def record(job: Job, result: Any, seconds: float) -> dict[str, Any]:
         out["coverage"] = coverage
     out["stats"] = result.stats
     return out
-
-
-def run_batch(input: Path, output: Path, base: Settings, load: Callable[[], Any], resume: bool = False,
-              workers: int = 1, spec: Any = None) -> int:
-    """Answer every row of ``input`` into ``output``; returns the number of rows generated now.
-    ``workers > 1`` answers the rows on that many Ray actors built from ``spec`` (an ``AlignerSpec``;
-    see ``cli/parallel.py``), with the same output row for row; ``load`` is then not called."""
-    from tqdm import tqdm
-
-    if input.resolve() == output.resolve():
-        raise UsageError("--output must be a different file from --input")
-    jobs = read_jobs(input, base)
-    done = rows_done(output, jobs) if resume else 0
-    if done == len(jobs):
-        print(f"all {done} rows of {input} are already in {output}; nothing to do", file=sys.stderr)
-        return 0
-    if done:
-        print(f"resuming: {done} of {len(jobs)} rows already in {output}", file=sys.stderr)
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1; got {workers}")
-    if workers > 1:
-        from .parallel import require_ray
-
-        require_ray()  # before the output is touched
-    with open(output, "a" if done else "w", encoding="utf-8") as out:  # opened first: fail before the load
-        if workers > 1:
-            from .parallel import run_sharded
-
-            run_sharded(jobs, done, out, base, spec, workers, input.name)
-            return len(jobs) - done
-        aligner = load()
-        with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
-            for job in jobs[done:]:
-                try:
-                    rec = answer(aligner, job)
-                except ValueError as exc:
-                    raise UsageError(
-                        f"{input.name} line {job.lineno}: {exc} (rows before it are saved; fix it and rerun with --resume)"
-                    ) from None
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update()
-    return len(jobs) - done

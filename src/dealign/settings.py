@@ -1,8 +1,10 @@
-"""CLI flags and batch-JSONL fields -> search config, reward and prompt options.
+"""Request settings: the fields a ``dealign generate`` flag, a batch JSONL line and a server request's
+``alignment`` object may set, sorted into search / reward / prompt groups and type-checked.
 
-Flags and per-line fields go through the same ``Settings`` so a batch line behaves exactly like the
-equivalent command line.  Search defaults are never restated here: unset values are simply not
-passed, so ``SearchConfig``'s own defaults (and any tuning of them) apply.
+One module for all three callers, so a batch line behaves exactly like the equivalent command line and
+the server can never disagree with either on what a field means.  Search defaults are never restated
+here: unset values are simply not passed, so ``SearchConfig``'s own defaults (and the aligner's
+``search_defaults``) apply.  Adding a search field to ``SearchConfig`` adds it here by itself.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..rewards import from_options, keyword_coverage, keywords_found, normalize_keywords
-from ..rewards.base import WeightedSum
-from ..search import SearchConfig
+from .errors import UsageError
+from .rewards import from_options, keyword_coverage, keywords_found, normalize_keywords
+from .rewards.base import WeightedSum
+from .search import SearchConfig
 
 SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
@@ -23,16 +26,13 @@ REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
 MODEL_REWARD_FIELDS = ("named_rewards", "reward_model", "reward_every_n_tokens", "reward_finished_only")
 PROMPT_FIELDS = ("instruction", "response_prefix")
 INPUT_FIELDS = ("prompt", "messages")
-KNOWN_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + INPUT_FIELDS
+SETTING_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS  # everything but the input
+KNOWN_FIELDS = SETTING_FIELDS + INPUT_FIELDS
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-class UsageError(ValueError):
-    """Bad command line or input file: reported as ``error: ...`` with exit code 2."""
-
-
-def _check_search_value(name: str, value: Any) -> Any:
+def check_search_value(name: str, value: Any) -> Any:
     """Type-check one search setting against the type of its SearchConfig default (JSON lines can
     carry anything; SearchConfig checks ranges but would crash on e.g. ``"lam": "high"``)."""
     kind = type(getattr(SearchConfig(), name))
@@ -118,7 +118,7 @@ class Settings:
             if value is None:
                 continue
             if name in SEARCH_FIELDS:
-                s.search[name] = _check_search_value(name, value)
+                s.search[name] = check_search_value(name, value)
             elif name in REWARD_FIELDS:
                 if name in ("keywords", "banned", "must_match", "must_not_match"):
                     _check_strings(name, value)
@@ -165,7 +165,7 @@ class Settings:
 
     def build_reward(self) -> WeightedSum:
         """The programmatic rewards plus the named / model rewards (models load on first use)."""
-        from ..rewards.registry import NAMED
+        from .rewards.registry import NAMED
 
         misplaced = sorted(set(self.reward.get("weights") or {}) & set(NAMED))
         if misplaced:
@@ -176,7 +176,7 @@ class Settings:
         except TypeError as exc:  # e.g. a non-string keyword: still the user's input
             raise UsageError(str(exc)) from None
         if self.models:
-            from ..rewards.registry import build
+            from .rewards.registry import build
 
             named, folders = self.models.get("named_rewards"), self.models.get("reward_model")
             if not named and not folders:

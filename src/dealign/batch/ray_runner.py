@@ -1,4 +1,4 @@
-"""Batch mode over Ray: ``dealign generate --input ... --workers N`` shards rows across N actors.
+"""The Ray runner: ``dealign generate --input ... --workers N`` shards the rows across N actors.
 
 Why it is built this way:
 
@@ -17,7 +17,8 @@ Why it is built this way:
   the work an interruption can lose.  Rows are handed out dynamically (at most two queued per
   actor), so a slow DeAL row does not leave the other actors idle behind a static shard.
 
-Ray is imported only here and only when ``--workers > 1``; ``--workers 1`` never touches it.
+Ray is imported only here, inside the functions, and only when ``--workers > 1``; ``--workers 1`` never
+touches it.
 """
 
 from __future__ import annotations
@@ -27,59 +28,15 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import IO, Any
 
-from ..models.loading import ModelLoadError
-from .options import Settings, UsageError
+from ..errors import ModelLoadError, UsageError
+from ..settings import Settings
+from .jobs import Job, answer, make_job
+from .spec import AlignerSpec
 
 RAY_HINT = "pip install 'dealign[ray]'"
 PER_ACTOR_QUEUE = 2  # one row running, one waiting: no idle round trip between rows
-
-
-@dataclass(frozen=True)
-class AlignerSpec:
-    """How to build the aligner, sent to each worker instead of a model: a local model (name, folder
-    or GGUF file, as ``--model`` takes) or a remote engine (``engine_url`` with the ``--engine-*``
-    options; ``model`` then names the served model's tokenizer), built by the same loaders as the
-    single-process CLI.  Plain data, so it pickles to any node."""
-
-    model: str | None = None
-    draft_model: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    engine_url: str | None = None
-    engine_dialect: str | None = None
-    engine_model: str | None = None
-    engine_top_n: int | None = None
-
-    def localized(self) -> "AlignerSpec":
-        """Existing relative paths made absolute, so a worker with another working directory (or on
-        another node with the same file system) finds the same files."""
-        def absolute(p: str | None) -> str | None:
-            return str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p
-
-        return replace(self, model=absolute(self.model), draft_model=absolute(self.draft_model))
-
-    def check(self) -> None:
-        """Fail before Ray starts on a missing model or tokenizer; a packaged GGUF is also converted
-        once here rather than by every actor at the same time."""
-        from ..models.loading import resolve
-
-        for m in (self.model, self.draft_model) if self.draft_model else (self.model,):
-            resolve(m)
-
-    def build(self):
-        """The ``Aligner`` this spec describes (runs in the worker)."""
-        if self.engine_url is not None:
-            from .loading import load_remote
-
-            return load_remote(self.engine_url, dialect=self.engine_dialect, tokenizer=self.model,
-                               model=self.engine_model, top_n=self.engine_top_n)
-        from .loading import load_aligner
-
-        return load_aligner(self.model, draft_model=self.draft_model, dtype=self.dtype, device=self.device)
 
 
 def require_ray():
@@ -117,8 +74,6 @@ class BatchWorker:
         """(index, output record, None), or (index, None, (kind, message)) for a row that failed the way
         the single-process path reports cleanly: the search refused it ("usage"), or a reward model
         could not be loaded ("model")."""
-        from .batch import answer, make_job
-
         try:
             rec = answer(self.aligner, make_job(lineno, row, self.base))
         except ValueError as exc:
@@ -139,15 +94,13 @@ def _passed_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(("DEALIGN_", "HF_", "TRANSFORMERS_"))}
 
 
-def run_sharded(jobs: list, done: int, out: IO[str], base: Settings, spec: AlignerSpec | None, workers: int,
+def run_sharded(jobs: list[Job], done: int, out: IO[str], base: Settings, spec: AlignerSpec, workers: int,
                 source: str, window: int | None = None) -> None:
     """Answer ``jobs[done:]`` on ``workers`` Ray actors, writing ``out`` in input order (see the module
     docstring).  Uses the running Ray instance (``ray.init`` done by the caller, or ``RAY_ADDRESS``),
     else starts a local one for this run."""
     from tqdm import tqdm
 
-    if spec is None:
-        raise UsageError("--workers needs a model spec to send to the workers")
     ray = require_ray()
     spec = spec.localized()
     spec.check()
