@@ -12,10 +12,9 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..api import Aligner
+from ..api import Aligner
+from ..models.loading import resolve
 
 
 @dataclass(frozen=True)
@@ -44,16 +43,12 @@ class AlignerSpec:
     def check(self) -> None:
         """Fail before Ray starts on a missing model or tokenizer; a packaged GGUF is also converted
         once here rather than by every actor at the same time."""
-        from ..models.loading import resolve  # safetensors, platformdirs: only when checking
-
         for m in (self.model, self.draft_model) if self.draft_model else (self.model,):
             resolve(m)
 
-    def build(self) -> "Aligner":
+    def build(self) -> Aligner:
         """The ``Aligner`` this spec describes: ``Aligner.from_remote`` with an engine URL (the search
         runs here, the forward passes on the engine), else ``Aligner.from_pretrained``."""
-        from ..api import Aligner  # imports torch: only when a model is really needed
-
         start = time.perf_counter()
         if self.engine_url is not None:
             print(f"connecting to the {self.engine_dialect or 'llamacpp'} engine at {self.engine_url} ...",
