@@ -71,8 +71,8 @@ def markdown(table: list[dict]) -> str:
 
 def _pyplot():
     """matplotlib's pyplot on the file-only Agg backend (the ``eval`` extra)."""
-    require("matplotlib", "matplotlib", "dealign eval's plots", "eval").use("Agg")
-    return require("matplotlib.pyplot", "matplotlib", "dealign eval's plots", "eval")
+    require("matplotlib", "matplotlib", "dealign eval's plotting", "eval").use("Agg")
+    return require("matplotlib.pyplot", "matplotlib", "dealign eval's plotting", "eval")
 
 
 def plot_quality_vs_cost(task: Task, table: list[dict], path: Path) -> Path:
