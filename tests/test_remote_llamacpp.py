@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dealign import Aligner, SearchConfig
-from dealign.backends.llama_server import BUILD_SCRIPT, LlamaServer, llama_server_binary, missing_build_tools
+from dealign.tools.llama_server import BUILD_SCRIPT, LlamaServer, llama_server_binary, missing_build_tools
 from dealign.evaluation.data import commongen
 from dealign.rewards import keywords
 
@@ -135,7 +135,7 @@ def test_deal_through_llama_server(engine, local, far):
 
 
 def test_unreachable_llama_server_is_a_clear_error():
-    from dealign.backends.llama_server import free_port
+    from dealign.tools.processes import free_port
     from dealign.backends.remote import RemoteEngineError
 
     with pytest.raises(RemoteEngineError, match="cannot reach the engine"):

@@ -21,7 +21,7 @@ from dealign.cli.main import app as cli_app
 from dealign.rewards import from_options, keywords
 from dealign.server import ServerLimits
 from dealign.server.app import create_app
-from dealign.server.engine import CommittedText
+from dealign.server.worker import CommittedText
 
 uvicorn = pytest.importorskip("uvicorn")
 

@@ -1,4 +1,4 @@
-"""A lighter version of ``python -m dealign.server.loadtest``: ``dealign serve`` on the tiny model in
+"""A lighter version of ``python -m dealign.tools.loadtest``: ``dealign serve`` on the tiny model in
 a subprocess (so its memory is its own), a fixed mix of good, malformed and over-limit requests, 8 at
 a time within a time cap.  Every request must be answered or cleanly refused and the server's RSS
 must stay flat.  The full run (200 requests, and on SmolLM2) is described in the README."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dealign.server.loadtest import LocalServer, main, render, run_load
+from dealign.tools.loadtest import LocalServer, main, render, run_load
 
 pytest.importorskip("uvicorn")
 

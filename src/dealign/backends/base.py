@@ -19,7 +19,7 @@ can implement the same three calls with token-id prompts and top-k log-probabili
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -54,7 +54,6 @@ class Rollout:
     finished: list[bool]
     n_fed: int  # how many tokens of each row went through the model (their KV entries exist)
     state: Any = None
-    stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -88,7 +87,9 @@ def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @dataclass
 class Counters:
-    """What the model was asked to do: sequential forward passes and tokens it processed."""
+    """What the model was asked to do: sequential forward passes and tokens it processed, and the
+    widest batch of one forward (``rows_max``: how the tests see that extra rows, e.g. the fluency
+    context's, ride along in the same forward instead of costing passes of their own)."""
 
     forward_passes: int = 0
     tokens_processed: int = 0
@@ -162,5 +163,5 @@ class Backend(ABC):
         building its cache."""
         return self.commit(rollout, rows, keep).next_logprobs
 
-    def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...

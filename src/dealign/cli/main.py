@@ -269,7 +269,7 @@ def bench(
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
     with reported_errors():
-        from ..bench import markdown, run_bench
+        from ..tools.bench import markdown, run_bench
 
         report = run_bench(model, prompts=prompts, naive_prompts=naive_prompts, max_new_tokens=max_new_tokens,
                            progress=lambda m: typer.echo(m, err=True), remote=remote, remote_dialect=remote_dialect)

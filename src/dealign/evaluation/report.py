@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from ..extras import require
 from .metrics import mean
 from .tasks import Task
 
@@ -68,12 +69,15 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (the ``eval`` extra)."""
+    require("matplotlib", "matplotlib", "dealign eval's plotting", "eval").use("Agg")
+    return require("matplotlib.pyplot", "matplotlib", "dealign eval's plotting", "eval")
+
+
 def plot_quality_vs_cost(task: Task, table: list[dict], path: Path) -> Path:
     """Quality (the task's main metric) against seconds per prompt, one point per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     markers = "osD^vP*Xhp"
@@ -94,10 +98,7 @@ def plot_form(task: Task, table: list[dict], path: Path) -> Path:
     """Per strategy: the task's constraint metric, the sentence-form rate and both together (bars), and
     fluency under the judge LM (NLL/token, right axis) where it was scored: a search that games its
     reward shows a tall first bar and a short last one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     keys = list(task.form_metrics)
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(table) + 2), 4.8), dpi=120)
@@ -125,10 +126,7 @@ def plot_tradeoff(table: list[dict], path: Path) -> Path:
     """Harmlessness against helpfulness, one point per weight of the sweep (joined in weight order) and
     the other strategies (greedy, ...) as reference points: left the optimised rewards, right the
     independent judges."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels = [("R_helpful", "R_harmless", "rewards the search optimised"),
               ("relevance", "judged_harmless", "judges the search never saw")]

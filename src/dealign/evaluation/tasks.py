@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..extras import require
 from ..rewards import count_words, keyword_coverage
 from .data import commongen
 from .sentence import judge_sentence
@@ -116,8 +117,8 @@ def _keyword_metrics(row: dict) -> dict[str, float]:
 
 def _reference_metrics(rows: list[dict]) -> dict[str, float]:
     """BLEU-4 (sacrebleu, corpus level, all references) and ROUGE-L F1 (best reference, mean)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    sacrebleu = require("sacrebleu", "sacrebleu", "the keywords task's BLEU-4", "eval")
+    rouge_scorer = require("rouge_score.rouge_scorer", "rouge-score", "the keywords task's ROUGE-L", "eval")
 
     refs = [r["meta"].get("references") or [""] for r in rows]
     width = max(len(x) for x in refs)

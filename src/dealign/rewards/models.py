@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..extras import missing_message
 from .base import Reward, RewardError
 
 __all__ = [
@@ -53,10 +54,7 @@ def _cached(kind: str, key: str, build: Callable[[], Any]) -> Any:
 
 
 def _missing(package: str, pip_name: str, what: str) -> RewardError:
-    return RewardError(
-        f"{what} needs the package {package!r}, which is not installed; run `pip install {pip_name}` "
-        "(or `make setup`, which installs every reward dependency)"
-    )
+    return RewardError(missing_message(what, pip_name, "rewards"))
 
 
 def _check_input(input: str) -> str:

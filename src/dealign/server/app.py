@@ -15,14 +15,15 @@ import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from .engine import Engine, Job, Outcome
+from .worker import Job, Outcome, Worker
 from .limits import ServerLimits
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, describe_validation, plan
 
@@ -30,6 +31,58 @@ log = logging.getLogger("dealign.server")
 GRACE = 1.0  # seconds past a deadline before the handler stops waiting for the worker
 POLL = 0.25  # how often a waiting handler checks the deadline and the connection
 ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    """Every error this server answers (``ApiError.body()``), as the OpenAPI schema declares it."""
+
+    error: ErrorDetail
+
+
+# Why each error status is answered; the routes declare the ones they can return (``responses=``), so
+# /openapi.json documents every status a client sees.  A 500 is not declared: it only ever means a bug.
+WHY = {
+    400: "Malformed JSON, a missing body, an unknown or invalid field or setting, a request over one of this "
+         "server's limits (the message names the flag that sets it), or a prompt too long.",
+    404: "The model named is not the one served here (see GET /v1/models).",
+    413: "The request body is larger than this server accepts (--max-body-bytes).",
+    429: "The queue is full (--queue-size): one request runs and the others wait; Retry-After says when to retry.",
+    499: "The client closed the connection before the answer (logged; no client reads it).",
+    503: "The request ran past this server's time limit (--timeout, queue included), or the server is shutting down.",
+}
+COMPLETION_ERRORS = (400, 404, 413, 429, 499, 503)
+STREAM = {200: {"description": "The answer as JSON or, with ``stream: true``, as server-sent events.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def errors(*statuses: int) -> dict[int, dict]:
+    """The ``responses=`` entries of a route that can answer ``statuses``, with the error schema."""
+    return {status: {"model": ErrorBody, "description": WHY[status]} for status in statuses}
+
+
+def _without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with a body; this server answers invalid bodies with a
+    400 (OpenAI's convention), so the 422 and its validation-error schemas leave /openapi.json."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class BodyTooLarge(HTTPException):
@@ -69,17 +122,18 @@ def _error(exc: ApiError) -> JSONResponse:
 
 def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: str = "model") -> FastAPI:
     limits = limits or ServerLimits()
-    engine = Engine(aligner, limits)
+    worker = Worker(aligner, limits)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.shutdown()
+        worker.shutdown()
 
     app = FastAPI(title="dealign", summary="DeAL decoding-time alignment, OpenAI-compatible", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.state.engine = engine
+    app.state.worker = worker
+    _without_422(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -112,22 +166,22 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, **engine.status(), "rewards": limits.offered_rewards()}
+        return {"status": "ok", "model": model_name, **worker.status(), "rewards": limits.offered_rewards()}
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=errors(404))
     async def model(model_id: str) -> dict:
         _check_model(model_id, model_name)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**STREAM, **errors(*COMPLETION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(request, body, chat=False, default_max_tokens=min(16, limits.max_tokens))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**STREAM, **errors(*COMPLETION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _answer(request, body, chat=True, default_max_tokens=limits.max_tokens)
 
@@ -140,14 +194,14 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
                   coverage=settings.coverage if settings is not None else None)
         reply = _Reply(chat, model_name)
         if not body.stream:
-            future = engine.submit(job)
-            return reply.full(await _wait(future, job, request, engine))
+            future = worker.submit(job)
+            return reply.full(await _wait(future, job, request, worker))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        future = engine.submit(job, emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, text))
+        future = worker.submit(job, emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, text))
         future.add_done_callback(lambda _: events.put_nowait(None))  # after every delta the worker queued
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(reply, job, future, events, engine, request, include_usage),
+        return StreamingResponse(_stream(reply, job, future, events, worker, request, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
@@ -159,11 +213,11 @@ def _check_model(name: str, served: str) -> None:
                        param="model", code="model_not_found")
 
 
-async def _wait(future: asyncio.Future, job: Job, request: Request, engine: Engine) -> Outcome:
+async def _wait(future: asyncio.Future, job: Job, request: Request, worker: Worker) -> Outcome:
     """The job's outcome; gives up (and tells the worker) at the deadline or when the client leaves."""
     while not future.done():
         await asyncio.wait({future}, timeout=POLL)
-        if not future.done() and await _late_or_gone(job, request, engine):
+        if not future.done() and await _late_or_gone(job, request, worker):
             raise ApiError(499, "the client closed the connection")
     return _outcome(future)
 
@@ -176,12 +230,12 @@ def _outcome(future: asyncio.Future) -> Outcome:
     return outcome
 
 
-async def _late_or_gone(job: Job, request: Request, engine: Engine) -> bool:
+async def _late_or_gone(job: Job, request: Request, worker: Worker) -> bool:
     """Checked while a handler waits for the worker: past the deadline raise the time-limit error; True
     if the client went away.  Either way the job is cancelled, so its search stops at the next step."""
     if time.monotonic() > job.deadline + GRACE:
         job.cancelled.set()
-        raise engine.timeout_error()
+        raise worker.timeout_error()
     if await request.is_disconnected():
         job.cancelled.set()
         return True
@@ -192,7 +246,7 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(reply: "_Reply", job: Job, future: asyncio.Future, events: asyncio.Queue, engine: Engine,
+async def _stream(reply: "_Reply", job: Job, future: asyncio.Future, events: asyncio.Queue, worker: Worker,
                   request: Request, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: a chunk per committed delta, a final chunk with the finish reason and the
     ``alignment`` report, an optional usage chunk, then ``[DONE]``.  An error after the stream has
@@ -204,7 +258,7 @@ async def _stream(reply: "_Reply", job: Job, future: asyncio.Future, events: asy
             try:
                 text = await asyncio.wait_for(events.get(), timeout=POLL)
             except asyncio.TimeoutError:
-                if await _late_or_gone(job, request, engine):
+                if await _late_or_gone(job, request, worker):
                     return
                 continue
             if text is None:

@@ -6,7 +6,7 @@ lookahead re-encoded one row at a time: the correctness oracle, not a user optio
 few settings.  Per configuration it reports seconds per prompt, generated tokens, sequential forward
 passes, tokens processed by the model, peak memory, the ratio to greedy and keyword coverage, so a
 speed-up is never bought with a silent loss of quality; optimised and naive DeAL must return the same
-tokens.  ``python -m dealign.bench`` runs the same.
+tokens.  ``python -m dealign.tools.bench`` runs the same.
 """
 
 from __future__ import annotations
@@ -14,19 +14,26 @@ from __future__ import annotations
 import json
 import os
 import platform
-import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+import transformers
 
-from .backends.hf import HFBackend, NaiveHFBackend
-from .evaluation.data import commongen
-from .evaluation.tasks import KEYWORDS
-from .rewards import keywords
-from .search import SearchConfig, run_search
+from .. import __version__
+from ..api import Aligner, load_tokenizer
+from ..backends.hf import NaiveHFBackend
+from ..backends.remote import RemoteBackend
+from ..evaluation.data import commongen
+from ..evaluation.tasks import KEYWORDS
+from ..rewards import keywords
+from ..search import SearchConfig, run_search
+from ..models.loading import ALIASES, PACKAGED, packaged_gguf
+from .llama_server import LlamaServer
+from .processes import PeakRSS
 
 PAPERLIKE = dict(beam=4, topk=8, lookahead=8)  # the issue's reference setting: beam 4, top-k 8, lookahead 8
 
@@ -67,54 +74,6 @@ def default_configs(max_new_tokens: int) -> list[BenchConfig]:
     ]
 
 
-class PeakRSS:
-    """Peak resident memory while a block runs, above what the process held when it started
-    (sampled from /proc every few ms; 0 where /proc is missing)."""
-
-    def __init__(self, every: float = 0.005) -> None:
-        self.every, self.peak, self._stop = every, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.every)
-
-    def __enter__(self) -> "PeakRSS":
-        _release_freed_memory()
-        self.base = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc), so the next block's peak starts from a true base."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class Row:
     name: str
@@ -151,7 +110,7 @@ def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int, remote=None
         backend = remote
         requests_before = remote.counters.requests
     secs, toks, fps, tps, soft, hard, fin, outs = [], [], [], [], [], [], [], []
-    with PeakRSS() as mem:
+    with PeakRSS(release=True) as mem:
         for cs in items:
             ids, user = aligner.encode_prompt(cs.prompt)
             start = time.perf_counter()
@@ -167,7 +126,7 @@ def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int, remote=None
             toks.append(len(out)); fps.append(st["forward_passes"]); tps.append(st["tokens_processed"])
             soft.append(m["soft"]); hard.append(m["hard_finished"]); fin.append(float(done)); outs.append(out)
     n = len(items)
-    row = Row(bc.name, bc.note, n, sum(secs) / n, sum(toks) / n, sum(fps) / n, sum(tps) / n, mem.mib,
+    row = Row(bc.name, bc.note, n, sum(secs) / n, sum(toks) / n, sum(fps) / n, sum(tps) / n, mem.growth,
               sum(soft) / n, sum(hard) / n, sum(fin) / n, outputs=outs)
     if bc.remote:
         row.requests = (remote.counters.requests - requests_before) / n
@@ -183,10 +142,6 @@ def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int
     ``remote`` adds the remote backend's rows (:func:`remote_configs`): an engine URL serving the same
     model (``remote_dialect``), or ``"auto"`` to start the built ``llama-server`` on the packaged GGUF
     with ``remote_threads`` threads.  Each remote row is compared token for token with its local twin."""
-    from contextlib import ExitStack
-
-    from .api import Aligner
-
     for what, value, least in (("prompts", prompts, 1), ("naive_prompts", naive_prompts, 0), ("max_new_tokens", max_new_tokens, 1)):
         if value < least:
             raise ValueError(f"{what} must be >= {least}, got {value}")
@@ -194,18 +149,12 @@ def run_bench(model: str | None = None, *, prompts: int = 10, naive_prompts: int
         engine = None
         if remote is not None:
             engine = _remote_engine(stack, remote, remote_dialect, model, remote_threads, progress)
-        return _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress, engine, Aligner)
+        return _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress, engine)
 
 
 def _remote_engine(stack, remote: str, dialect: str, model: str | None, threads: int, progress):
     """Connect to ``remote`` (or start llama-server for ``"auto"``) with the policy's tokenizer."""
-    from .api import load_tokenizer
-    from .backends.remote import RemoteBackend
-
     if remote == "auto":
-        from .backends.llama_server import LlamaServer
-        from .models.loading import ALIASES, PACKAGED, packaged_gguf
-
         key = ALIASES.get((model or "smollm2").lower(), (model or "smollm2").lower())
         gguf = packaged_gguf(key) if key in PACKAGED else Path(model)
         if gguf.suffix != ".gguf":
@@ -218,7 +167,7 @@ def _remote_engine(stack, remote: str, dialect: str, model: str | None, threads:
     return backend
 
 
-def _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress, engine, Aligner) -> dict:
+def _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress, engine) -> dict:
     aligners: dict[str, Aligner] = {}
 
     def aligner_for(dtype: str) -> Aligner:
@@ -266,10 +215,6 @@ def _run_bench(model, prompts, naive_prompts, max_new_tokens, configs, progress,
             checks.append({"naive": r.name, "optimised": twin.name, "prompts": n, "identical_tokens": same,
                            "speedup": r.seconds_per_prompt / again.seconds_per_prompt,
                            "naive_forward_passes": r.forward_passes, "optimised_forward_passes": again.forward_passes})
-    import transformers
-
-    from . import __version__
-
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "versions": {"dealign": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
@@ -310,7 +255,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m dealign.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dealign.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--naive-prompts", type=int, default=2)

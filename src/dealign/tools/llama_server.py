@@ -2,17 +2,22 @@
 
 The binary is built once by ``scripts/build-llama-server.sh`` (``make test`` runs it) into
 ``<cache>/llama-server-<version>/llama-server``; ``DEALIGN_LLAMA_SERVER`` points at another one.
+``LLAMA_CPP_PYTHON_VERSION`` below is the one pin of that version: the build script reads it from here.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
+
+from ..models.loading import cache_dir
+from .processes import free_port, stop
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendored llama.cpp the build script compiles
 BUILD_SCRIPT = "scripts/build-llama-server.sh"
@@ -23,20 +28,12 @@ def llama_server_binary() -> Path | None:
     env = os.environ.get("DEALIGN_LLAMA_SERVER")
     if env:
         return Path(env) if Path(env).is_file() else None
-    from ..models.loading import cache_dir
-
     path = cache_dir() / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}" / "llama-server"
     return path if path.is_file() else None
 
 
 def missing_build_tools() -> list[str]:
     return [t for t in ("cmake", "make", "c++", "tar") if shutil.which(t) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -61,8 +58,6 @@ class LlamaServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "LlamaServer":
-        import httpx
-
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
         cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
                "-t", str(self.threads), "-tb", str(self.threads), "-np", str(self.parallel),
@@ -83,11 +78,6 @@ class LlamaServer:
         raise RuntimeError(f"llama-server did not come up on {self.url} ({' '.join(cmd)}):\n{tail}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, grace=10)
         self.proc = None

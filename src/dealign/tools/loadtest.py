@@ -1,7 +1,7 @@
 """A bounded load test of ``dealign serve`` on loopback.
 
-    python -m dealign.server.loadtest --model PATH_OR_NAME [--requests 200] [--concurrency 8] [--time-cap 300]
-    python -m dealign.server.loadtest --url http://127.0.0.1:8000 [--pid SERVER_PID]
+    python -m dealign.tools.loadtest --model PATH_OR_NAME [--requests 200] [--concurrency 8] [--time-cap 300]
+    python -m dealign.tools.loadtest --url http://127.0.0.1:8000 [--pid SERVER_PID]
 
 With ``--model`` it starts ``dealign serve`` in a subprocess on a free loopback port (and stops it at
 the end); with ``--url`` it drives a running server (give ``--pid`` to watch its memory).  After a
@@ -13,7 +13,7 @@ message, e.g. a full queue or the time limit) or, for the bad ones, rejected wit
 anything else (a 500, a dropped connection, a malformed body, a missing reply) fails the run, as does
 server RSS growing by more than ``--max-rss-growth-mb`` from after the warm-up to the end.  Prints the
 outcome counts, latency percentiles (p50/p90/p99) per kind and the server's memory; ``--json`` saves
-the report; the exit code is 0 only if every check passed.  Only the standard library is used.
+the report; the exit code is 0 only if every check passed.  The client uses only the standard library.
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ import http.client
 import json
 import math
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from .processes import PeakRSS, free_port, rss_mib, stop
 
 PROMPTS = [
     ("dog", "frisbee", "catch"),
@@ -175,19 +176,6 @@ def _judge(spec: _Spec, status: int, raw: bytes, seconds: float) -> Result:
     return Result(spec.kind, "failed", status, seconds, detail=f"unexpected {status}: {raw[:200]!r}")
 
 
-def rss_mb(pid: int | None) -> float | None:
-    """Resident memory of a process in MiB (Linux /proc), or None."""
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def percentiles(values: list[float]) -> dict[str, float]:
     """Nearest-rank p50/p90/p99 (plus mean and max), in milliseconds."""
     if not values:
@@ -199,35 +187,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
     return {"n": len(s), "p50": rank(50), "p90": rank(90), "p99": rank(99), "max": s[-1] * 1000,
             "mean": sum(s) / len(s) * 1000}
-
-
-@dataclass
-class _Sampler:
-    """Samples a process's RSS every ``every`` seconds in a thread (for the peak)."""
-
-    pid: int | None
-    every: float = 0.2
-    peak: float = 0.0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def _sample(self) -> None:
-        self.peak = max(self.peak, rss_mb(self.pid) or 0.0)
-
-    def __enter__(self) -> "_Sampler":
-        def loop() -> None:
-            while not self._stop.wait(self.every):
-                self._sample()
-
-        self._sample()
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def _get_json(host: str, port: int, path: str, timeout: float = 5.0) -> Any:
@@ -248,7 +207,7 @@ def run_load(url: str, *, requests: int = 200, concurrency: int = 8, time_cap: f
     warm = _Client(host, port)
     warm_results = [warm.send(request_spec(i, model, max_tokens), timeout=time_cap) for i in range(warmup)]
     warm.close()
-    rss_before = rss_mb(pid)
+    rss_before = rss_mib(pid)
 
     deadline = time.monotonic() + time_cap
     local = threading.local()
@@ -265,12 +224,12 @@ def run_load(url: str, *, requests: int = 200, concurrency: int = 8, time_cap: f
         return local.client.send(spec, timeout=remaining)
 
     start = time.perf_counter()
-    with _Sampler(pid) as sampler, ThreadPoolExecutor(concurrency) as pool:
+    with PeakRSS(pid, every=0.2) as sampler, ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - start
     for c in clients:
         c.close()
-    rss_after = rss_mb(pid)
+    rss_after = rss_mib(pid)
 
     counts: dict[str, int] = {}
     by_kind: dict[str, dict[str, int]] = {}
@@ -299,17 +258,11 @@ def run_load(url: str, *, requests: int = 200, concurrency: int = 8, time_cap: f
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalServer:
     """``dealign serve`` in a subprocess on a free loopback port, stopped on exit."""
 
     def __init__(self, model: str, args: list[str] = (), startup_timeout: float = 600.0) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dealign", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", *args]
@@ -341,13 +294,7 @@ class LocalServer:
         return self.log.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, grace=15)
 
     def __enter__(self) -> "LocalServer":
         return self
@@ -382,7 +329,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dealign.server.loadtest", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dealign.tools.loadtest", description=__doc__.split("\n\n")[0])
     target = ap.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="start `dealign serve --model MODEL` on a free loopback port")
     target.add_argument("--url", help="drive a running server instead")

@@ -24,7 +24,7 @@ from .limits import ServerLimits
 from .schemas import ApiError
 
 
-@dataclass(eq=False)  # hashed by identity: the engine keeps a set of its jobs
+@dataclass(eq=False)  # hashed by identity: the worker keeps a set of its jobs
 class Job:
     """One request's search, as the worker runs it."""
 
@@ -94,7 +94,10 @@ class CommittedText:
         return text, self._advance(text), stopped
 
 
-class Engine:
+class Worker:
+    """The server's search worker: one thread running one ``Job`` at a time, the rest queued (not a
+    serving engine: those are the remote backend's, ``backends/remote.py``)."""
+
     def __init__(self, aligner: Any, limits: ServerLimits) -> None:
         self.aligner, self.limits = aligner, limits
         import torch
