@@ -67,7 +67,7 @@ llama-server: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
 
-## This documentation as a site under site/ (mkdocs, offline); installs the `docs` extra into the venv if missing.
+## This documentation as a site under site/ (mkdocs, offline); installs mkdocs (the `docs` extra) into the venv if missing.
 .PHONY: docs
 docs:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
