@@ -62,3 +62,10 @@ llama-server: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+## This documentation as a site under site/ (mkdocs, offline); installs mkdocs (the `docs` extra) into the venv if missing.
+.PHONY: docs
+docs:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c 'import mkdocs' 2>/dev/null || $(BIN)/python -m pip install -q 'mkdocs>=1.6,<2'
+	$(BIN)/python -m mkdocs build --strict --site-dir site
