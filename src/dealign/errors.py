@@ -48,5 +48,9 @@ class JudgeUnavailable(ModelLoadError):
     """The parser behind the sentence judge is not installed."""
 
 
-__all__ = ["ConfigError", "JudgeUnavailable", "ModelLoadError", "RemoteEngineError", "ResumeError", "RewardError",
+class MissingExtra(ModelLoadError):
+    """An optional package a feature needs is not installed (the CLI reports it in one line)."""
+
+
+__all__ = ["ConfigError", "JudgeUnavailable", "MissingExtra", "ModelLoadError", "RemoteEngineError", "ResumeError", "RewardError",
            "UsageError"]

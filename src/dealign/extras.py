@@ -12,11 +12,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .models.loading import ModelLoadError
-
-
-class MissingExtra(ModelLoadError):
-    """An optional package a feature needs is not installed (the CLI reports it in one line)."""
+from .errors import MissingExtra
 
 
 def missing_message(what: str, pip_name: str, extra: str) -> str:

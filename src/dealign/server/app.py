@@ -192,6 +192,7 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
         job = Job(body.job_prompt(), cfg, reward, prompt_options, body.stop or [],
                   deadline=time.monotonic() + limits.timeout,
                   coverage=settings.coverage if settings is not None else None)
+        worker.check_prompt(job)
         reply = _Reply(chat, model_name)
         if not body.stream:
             future = worker.submit(job)
