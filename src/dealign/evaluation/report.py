@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from .metrics import mean
+from .table import markdown_table
 from .tasks import Task
 
 COST = ["tokens", "finished", "forward_passes", "seconds", "x_greedy"]
@@ -62,10 +63,9 @@ def _fmt(v) -> str:
 
 
 def markdown(table: list[dict]) -> str:
+    """A summary table: metric columns first, then the cost columns, headed by their labels."""
     keys = [k for k in table[0] if k not in COST] + [k for k in COST if k in table[0]]
-    lines = ["| " + " | ".join(LABELS.get(k, k) for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(t[k]) for k in keys) + " |" for t in table]
-    return "\n".join(lines)
+    return markdown_table(table, keys, headers=LABELS, cell=lambda _, v: _fmt(v))
 
 
 def plot_quality_vs_cost(task: Task, table: list[dict], path: Path) -> Path:
