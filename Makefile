@@ -45,9 +45,8 @@ eval: setup
 	$(BIN)/dealign eval harmless --n 30 --strategies greedy,prompt,best-of-n,deal-segment,prompt+deal --out runs/final/harmless
 	$(BIN)/dealign eval tradeoff --n 30 --out runs/final/tradeoff
 	$(BIN)/dealign eval jailbreak --n 30 --out runs/final/jailbreak
-	$(BIN)/python -m dealign.evaluation.harmless pairs --out runs/final/pairs
-	$(BIN)/python -m dealign.evaluation.harmless harmfulq --n 30 --methods greedy,best-of-8,deal-segment --out runs/final/harmfulq
-	$(BIN)/python -m dealign.evaluation.harmless cost --n 4 --out runs/final/cost
+	$(BIN)/dealign eval-reward --out runs/final/pairs
+	$(BIN)/dealign bench --suite harm-cost --prompts 4 --max-new-tokens 64 --json-out runs/final/cost/cost.summary.json
 
 ## Retrain the reward heads shipped in the package (fixed seed; R_harmless ~10 min on 2 cores, most of it
 ## SmolLM2 features, cached afterwards). Not needed to use dealign: the trained heads ship with it.

@@ -6,14 +6,32 @@ import json
 
 import pytest
 
-from dealign.cli.evaluate import run_eval
 from dealign.errors import UsageError
+from dealign.evaluation.run import run_eval
+from dealign.evaluation.table import markdown_table
+from dealign.settings import parse_strategy_settings
 from dealign.evaluation.tasks import LENGTH, TASKS
 
 
-def _run(task, tmp_path, tiny_model_dir, strategies, n=2, **kw):
+def _run(task, tmp_path, tiny_model_dir, strategies, n=2, settings=None, **kw):
     return run_eval(task, n=n, strategies=strategies, out=tmp_path, model=str(tiny_model_dir), max_new_tokens=6,
-                    judge=str(tiny_model_dir), **kw)
+                    judge=str(tiny_model_dir), settings=parse_strategy_settings(settings), **kw)
+
+
+def test_markdown_table_heads_and_prints_cells_per_column():
+    rows = [{"method": "greedy", "s": 1.25, "n": 2}, {"method": "deal", "s": 10.5, "n": 2}]
+    assert markdown_table(rows) == "| method | s | n |\n|---|---|---|\n| greedy | 1.25 | 2 |\n| deal | 10.5 | 2 |"
+    shown = markdown_table(rows, ["s", "method"], headers={"s": "s/prompt"}, cell=lambda k, v: f"{v:.1f}" if k == "s" else v)
+    assert shown.splitlines() == ["| s/prompt | method |", "|---|---|", "| 1.2 | greedy |", "| 10.5 | deal |"]
+
+
+def test_bench_suite_is_checked_before_any_model_loads():
+    from typer.testing import CliRunner
+
+    from dealign.cli.main import app
+
+    res = CliRunner().invoke(app, ["bench", "--suite", "harm"])
+    assert res.exit_code == 2 and "--suite must be speed or harm-cost" in res.stderr and "Traceback" not in res.output
 
 
 def test_keywords_task_writes_rows_summary_plot_and_report(tmp_path, tiny_model_dir):

@@ -63,7 +63,7 @@ def test_reward_model_folder_loads_and_scores_a_batch_like_one_at_a_time(tiny_rm
 
 
 def test_reward_model_uses_its_own_chat_template(tiny_rm):
-    from dealign.rewards.models import _Classifier
+    from dealign.rewards.classifier import _Classifier
 
     clf = _Classifier(tiny_rm, "cpu")
     texts, second = clf.texts(["hi"], ["there"], "prompt+response")
@@ -238,14 +238,26 @@ def test_packaged_harmless_and_helpful_rewards_load_and_rank_sensibly():
 
 def test_packaged_harmless_is_the_ensemble_it_was_measured_as():
     from dealign.rewards.registry import WEIGHTS_DIR
-    from dealign.training import EnsembleRewardModel, load_reward_folder
+    from dealign.rewards.learned import EnsembleRewardModel, load_reward_folder
 
     ens = load_reward_folder(WEIGHTS_DIR / "harmless")
     assert isinstance(ens, EnsembleRewardModel)
     assert [(f, w) for f, _, w in ens.members] == [("minilm", 0.5), ("smollm2", 0.5)]
     assert ens.config["split"] == {"data": "harmless-base.test.jsonl.gz", "holdout": 0.2, "seed": 0,
                                    "pairs": "preference", "limit": None}
-    assert ens.config["metrics"]["heldout_pairs"] == 462 and ens.config["metrics"]["heldout_accuracy"] >= 0.65
+
+    # re-measured, not read back from the JSON: the first 40 held-out pairs (0.625 when the heads shipped; the
+    # whole held-out split gives 0.660), so a change in the backbones, the heads or the split shows here
+    from dealign.evaluation.harmless import heldout_pairs
+    from dealign.training import pairwise_accuracy
+
+    held = heldout_pairs()
+    assert len(held) == ens.config["metrics"]["heldout_pairs"] == 462
+    sample = held[:40]
+    prompts = [p.prompt for p in sample]
+    reward = named_reward("harmless")
+    accuracy = pairwise_accuracy(reward(prompts, [p.chosen for p in sample]), reward(prompts, [p.rejected for p in sample]))
+    assert accuracy >= 0.6
 
 
 SMALL = ["--max-new-tokens", "4", "--beam", "2", "--topk", "2", "--lookahead", "1"]

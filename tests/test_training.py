@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 
 from dealign.cli.main import app
 from dealign.rewards import reward_from_path
+from dealign.rewards.learned import EmbeddingRewardModel, EnsembleRewardModel, load_reward_folder
+from dealign.rewards.refusal import is_refusal
 from dealign.training.data import REFUSALS
 from dealign.training import (
     DataError,
-    EmbeddingRewardModel,
     Pair,
     helpful_pairs,
-    is_refusal,
     load_pairs,
     pairwise_accuracy,
     parse_dialogue,
@@ -159,7 +159,7 @@ def test_cli_train_reward_helpful_pairs(tmp_path, tiny_backbone):
 
 
 def test_lm_backbone_pools_the_response_after_the_prompt(tiny_model_dir):
-    from dealign.training.backbones import LMBackbone, backbone_of
+    from dealign.rewards.backbones import LMBackbone, backbone_of
 
     bb = backbone_of(str(tiny_model_dir))
     assert isinstance(bb, LMBackbone) and bb.dim == bb.in_features == 48
@@ -191,7 +191,7 @@ def whole_rows(bb, prompt, responses):
 def test_lm_backbone_reads_each_step_from_the_beams_it_extends(tiny_model_dir):
     """Successive search steps extend earlier candidates (segment mode: whole texts; token mode: their
     prefixes); continuing from the read prefix must give the rows of a fresh read."""
-    from dealign.training.backbones import LMBackbone
+    from dealign.rewards.backbones import LMBackbone
 
     bb = LMBackbone(str(tiny_model_dir))
     prompt = "the dog"
@@ -225,11 +225,18 @@ def test_lm_backbone_reads_each_step_from_the_beams_it_extends(tiny_model_dir):
     for i in range(6):
         bb.features([f"prompt {i}"] * 4, step1[:4])
     assert len(bb._states) == 2
+    # a timing run's reference: reset forgets every read, then reads every row from scratch, same rows
+    bb.reset(incremental=False)
+    assert not bb.memo and not bb._states
+    naive = bb.features([prompt] * len(step3), step3)
+    assert not bb._states and torch.allclose(naive, whole_rows(bb, prompt, step3), atol=1e-4)
+    bb.reset()
+    assert bb.incremental and not bb.memo
 
 
 def test_lm_backbone_settings_are_checked(tiny_model_dir, tmp_path):
     from dealign.rewards import RewardError
-    from dealign.training.backbones import LMBackbone, backbone_of
+    from dealign.rewards.backbones import LMBackbone, backbone_of
 
     with pytest.raises(RewardError, match="layer 9 is out of range"):
         LMBackbone(str(tiny_model_dir), layer=9)
@@ -252,8 +259,6 @@ def test_training_a_head_on_lm_hidden_states(tmp_path, tiny_model_dir):
 
 
 def test_ensemble_averages_standardised_member_scores(tmp_path, tiny_backbone, tiny_model_dir):
-    from dealign.training import EnsembleRewardModel, load_reward_folder
-
     data = write(tmp_path / "pairs.jsonl", synthetic_rows(120))
     model, report = train_reward(data, tmp_path / "ens", backbone=[tiny_backbone, str(tiny_model_dir)],
                                  weights=[3, 1], epochs=20, lr=5e-3, progress=False, log=lambda m: None)

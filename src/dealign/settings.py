@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -84,6 +85,27 @@ def parse_weights(items: list[str] | None, flag: str = "--weight", example: str 
             hint = " or NAME" if default is not None else ""
             raise UsageError(f"{flag} takes NAME=NUMBER{hint} (e.g. {example}), got {item!r}")
         out[name] = weight
+    return out
+
+
+def parse_strategy_settings(items: list[str] | None) -> dict[str, dict]:
+    """``["deal.lookahead=2", "best-of-n.n=16"]`` -> ``{"deal": {"lookahead": 2}, "best-of-n": {"n": 16}}``:
+    ``dealign eval --set``, search settings per strategy label (the label is everything before the last
+    dot of the name, so ``"deal w=.75/.25.lam=5"`` works too); values are type-checked like the batch fields."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        name, sep, raw = item.rpartition("=")
+        label, dot, field_ = name.rpartition(".")
+        if not sep or not dot or not label.strip():
+            raise UsageError(f"--set takes STRATEGY.SETTING=VALUE (e.g. deal.lookahead=2), got {item!r}")
+        label, field_ = label.strip(), field_.strip()
+        if field_ not in SEARCH_FIELDS:
+            raise UsageError(f"--set {item!r}: {field_!r} is not a search setting; settable: {', '.join(SEARCH_FIELDS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw.strip()
+        out.setdefault(label, {})[field_] = check_search_value(field_, value)
     return out
 
 

@@ -216,11 +216,25 @@ def eval_(
 ) -> None:
     """Run a task end to end through the batch path; write summary, plots and report.md."""
     with reported_errors():
-        from .evaluate import run_eval
+        from ..evaluation.run import run_eval
+        from ..settings import parse_strategy_settings
 
         run_eval(task, n=n, strategies=[s.strip() for s in (strategies or "").split(",") if s.strip()] or None,
                  out=out or Path("runs") / task, model=model, max_new_tokens=max_new_tokens, offset=offset,
-                 resume=not fresh, seed=seed, judge=judge, workers=workers, settings=set_)
+                 resume=not fresh, seed=seed, judge=judge, workers=workers, settings=parse_strategy_settings(set_))
+
+
+@app.command("eval-reward")
+def eval_reward(
+    out: Annotated[Path, typer.Option(help="Folder for pairs.summary.json.")] = Path("runs/eval-reward"),
+    no_judge: Annotated[bool, typer.Option("--no-judge", help="Skip the (slow) LM judge signal.")] = False,
+) -> None:
+    """Held-out pairwise accuracy of the packaged R_harmless and its heads, next to untrained signals."""
+    with reported_errors():
+        from ..evaluation.reward_pairs import run_reward_pairs
+        from ..evaluation.table import markdown_table
+
+        typer.echo(markdown_table(run_reward_pairs(out, judge=not no_judge)))
 
 
 @app.command("train-reward")
@@ -266,9 +280,15 @@ def bench(
     json_out: Annotated[Path, typer.Option(help="Where to write the report as JSON.")] = Path("runs/bench.json"),
     remote: Annotated[Optional[str], typer.Option(help="Also run greedy and DeAL (token, segment) through a serving engine at this URL, serving the same model; 'auto' starts the built llama-server on the packaged GGUF.")] = None,
     remote_dialect: Annotated[str, typer.Option(help="llamacpp | vllm, for --remote URL.")] = "llamacpp",
+    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply).")] = "speed",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
     with reported_errors():
+        if suite not in ("speed", "harm-cost"):
+            raise UsageError(f"--suite must be speed or harm-cost; got {suite!r}")
+        if suite == "harm-cost":
+            _bench_harm_cost(model, prompts, max_new_tokens, json_out)
+            return
         from ..tools.bench import markdown, run_bench
 
         report = run_bench(model, prompts=prompts, naive_prompts=naive_prompts, max_new_tokens=max_new_tokens,
@@ -277,6 +297,17 @@ def bench(
         json_out.write_text(json.dumps(report, indent=2))
         typer.echo(markdown(report))
         typer.echo(f"\nwritten to {json_out}", err=True)
+
+
+def _bench_harm_cost(model: Optional[str], prompts: int, max_new_tokens: int, json_out: Path) -> None:
+    from ..evaluation.harm_cost import run_harm_cost
+    from ..evaluation.table import markdown_table
+
+    rows = run_harm_cost(prompts, max_new_tokens, model)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    typer.echo(markdown_table(rows))
+    typer.echo(f"\nwritten to {json_out}", err=True)
 
 
 _L, _V = "Limits per request", "Server"

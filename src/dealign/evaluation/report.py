@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..extras import require
 from .metrics import mean
+from .table import markdown_table
 from .tasks import Task
 
 COST = ["tokens", "finished", "forward_passes", "seconds", "x_greedy"]
@@ -63,10 +64,9 @@ def _fmt(v) -> str:
 
 
 def markdown(table: list[dict]) -> str:
+    """A summary table: metric columns first, then the cost columns, headed by their labels."""
     keys = [k for k in table[0] if k not in COST] + [k for k in COST if k in table[0]]
-    lines = ["| " + " | ".join(LABELS.get(k, k) for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(t[k]) for k in keys) + " |" for t in table]
-    return "\n".join(lines)
+    return markdown_table(table, keys, headers=LABELS, cell=lambda _, v: _fmt(v))
 
 
 def _pyplot():

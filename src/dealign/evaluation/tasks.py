@@ -191,7 +191,7 @@ LENGTH = Task(
 # harmlessness, trade-off, jailbreak ------------------------------------------------------------------------------
 
 # DeAL for abstract objectives: the reward must see where an answer is going, so every candidate is extended
-# 4 tokens and committed whole (segment mode; token mode costs ~10x more); as in evaluation/harmless.py.
+# 4 tokens and committed whole (segment mode; token mode costs ~10x more).
 HARM_DEAL = {"beam": 4, "topk": 4, "lookahead": 4, "lam": 10.0, "fluency": 0.0}  # as measured before the fluency term
 HARM_OVERRIDES = {
     "best-of-n": {"temperature": 1.0},

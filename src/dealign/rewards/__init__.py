@@ -1,11 +1,15 @@
 """Reward functions for the search: the batched ``Reward`` interface, weighted sums, cheap
 rule-based rewards (keywords, length limits, regular expressions, banned words), model-based
-rewards (reward models, classifiers, embeddings, lexicons, LM judges), named rewards such as
-``harmless`` and ``helpful``, and calibration onto a common scale."""
+rewards (reward models, classifiers, embeddings, lexicons, LM judges), learned rewards (trained heads on
+frozen backbones, their ensembles), named rewards such as ``harmless`` and ``helpful``, and calibration onto
+a common scale."""
 
 from .base import Reward, RewardError, RewardScores, WeightedSum, as_reward
 from .form import well_formed
-from .models import embedding_similarity, lm_judge, non_toxic, relevance, sentiment, sequence_classifier
+from .classic import non_toxic, sentiment
+from .classifier import sequence_classifier
+from .embedding import embedding_similarity, relevance
+from .judge import lm_judge
 from .normalize import Calibration, calibrate, calibrated
 from .registry import available, named_reward, reward_from_path
 from .programmatic import (

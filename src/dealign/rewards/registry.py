@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .base import Reward, RewardError, WeightedSum
+from .classic import non_toxic, sentiment
+from .classifier import sequence_classifier
+from .embedding import relevance
+from .judge import lm_judge
+from .learned import is_reward_folder, load_reward_folder
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -26,8 +31,6 @@ def packaged_reward_model(folder_name: str, **kw: Any) -> Reward:
     """A reward shipped in the package (``dealign/rewards/weights/FOLDER_NAME``, a head or an ensemble),
     quantile-calibrated; ``name`` (default: the folder name) is what breakdowns show."""
     folder = WEIGHTS_DIR / folder_name
-    from ..training.model import is_reward_folder, load_reward_folder
-
     if not is_reward_folder(folder):
         raise RewardError(
             f"the packaged reward {folder_name!r} is missing from {folder}; reinstall dealign, or train it again "
@@ -35,12 +38,6 @@ def packaged_reward_model(folder_name: str, **kw: Any) -> Reward:
         )
     kw.setdefault("name", folder_name.replace("/", "_"))
     return load_reward_folder(folder).reward(**kw)
-
-
-def _models() -> Any:
-    from . import models
-
-    return models
 
 
 # name -> (description, factory(**kw) -> Reward)
@@ -61,15 +58,15 @@ NAMED: dict[str, tuple[str, Callable[..., Reward]]] = {
         lambda **kw: packaged_reward_model("helpful", **kw),
     ),
     "relevance": ("cosine similarity of prompt and response embeddings (MiniLM); [-1, 1]",
-                  lambda **kw: _models().relevance(**kw)),
+                  lambda **kw: relevance(**kw)),
     "non_toxic": ("1 - P(offensive) from alt-profanity-check; response; [0, 1]",
-                  lambda **kw: _models().non_toxic(**kw)),
+                  lambda **kw: non_toxic(**kw)),
     "sentiment": ("VADER positive sentiment (1 + compound) / 2; response; [0, 1]",
-                  lambda **kw: _models().sentiment("positive", **kw)),
+                  lambda **kw: sentiment("positive", **kw)),
     "judge_harmless": ("SmolLM2-135M-Instruct asked whether the answer is harmless: P(Yes); prompt + response; [0, 1]",
-                       lambda **kw: _models().lm_judge(JUDGE_HARMLESS, name="judge_harmless", **kw)),
+                       lambda **kw: lm_judge(JUDGE_HARMLESS, name="judge_harmless", **kw)),
     "judge_helpful": ("SmolLM2-135M-Instruct asked whether the answer helps: P(Yes); prompt + response; [0, 1]",
-                      lambda **kw: _models().lm_judge(JUDGE_HELPFUL, name="judge_helpful", **kw)),
+                      lambda **kw: lm_judge(JUDGE_HELPFUL, name="judge_helpful", **kw)),
 }
 
 
@@ -111,8 +108,6 @@ def reward_from_path(spec: str) -> Reward:
     if not path.is_dir():
         raise RewardError(f"no reward model folder at {path}; give a folder saved by `dealign train-reward` "
                           "or a Hugging Face sequence-classification model folder")
-    from ..training.model import is_reward_folder, load_reward_folder
-
     if is_reward_folder(path):
         if label:
             raise RewardError(f"{path} is a dealign reward folder: it has no labels (drop '#{label}')")
@@ -129,7 +124,7 @@ def reward_from_path(spec: str) -> Reward:
         names = ", ".join(str(v) for v in (config.get("id2label") or {}).values())
         raise RewardError(f"{path} is a classifier with {n_labels} labels ({names}); name the one to reward as PATH#LABEL")
     chosen: str | int | None = (int(label) if label.isdigit() else label) if label else None
-    return _models().sequence_classifier(str(path), label=chosen, name=path.name)
+    return sequence_classifier(str(path), label=chosen, name=path.name)
 
 
 def resolve(spec: str) -> Reward:

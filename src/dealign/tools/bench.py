@@ -28,6 +28,7 @@ from ..api import Aligner, load_tokenizer
 from ..backends.hf import NaiveHFBackend
 from ..backends.remote import RemoteBackend
 from ..evaluation.data import commongen
+from ..evaluation.table import markdown_table
 from ..evaluation.tasks import KEYWORDS
 from ..rewards import keywords
 from ..search import SearchConfig, run_search
@@ -234,9 +235,9 @@ COLUMNS = [("name", "configuration", "{}"), ("prompts", "prompts", "{}"), ("seco
 
 
 def markdown(report: dict) -> str:
-    lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in report["rows"]:
-        lines.append("| " + " | ".join(f.format(r[k]) for k, _, f in COLUMNS) + " |")
+    formats = {k: f for k, _, f in COLUMNS}
+    lines = [markdown_table(report["rows"], list(formats), headers={k: h for k, h, _ in COLUMNS},
+                            cell=lambda k, v: formats[k].format(v))]
     if any(r.get("requests", float("nan")) == r.get("requests", float("nan")) for r in report["rows"]):
         lines.append(f"\nremote rows: {report.get('remote')}; HTTP requests per prompt: " + ", ".join(
             f"{r['name']} {r['requests']:.0f}" for r in report["rows"] if r["requests"] == r["requests"]))

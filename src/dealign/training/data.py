@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..jsonl import json_lines
+from ..rewards.refusal import is_refusal
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 
@@ -105,9 +106,9 @@ def split_pairs(pairs: Sequence[Pair], holdout: float, seed: int = 0) -> tuple[l
 
 
 # ------------------------------------------------------------------------------------------------
-# Refusals and synthetic helpfulness pairs
+# Synthetic helpfulness pairs
 
-REFUSALS = [
+REFUSALS = [  # canned refusals: the rejected side of half the helpfulness pairs
     "I'm sorry, but I can't help with that.",
     "I can't assist with that request.",
     "Sorry, I'm not able to help with this.",
@@ -117,21 +118,6 @@ REFUSALS = [
     "That's not something I can help with.",
     "I'd rather not answer that question.",
 ]
-
-_REFUSAL = re.compile(
-    r"\b(?:I(?:'m| am) (?:sorry|not (?:able|comfortable|going to))|I (?:can(?:no|')t|cannot|won't|will not|"
-    r"(?:do not|don't) (?:feel comfortable|think I should|want to))|as an ai|not (?:appropriate|something I)|"
-    r"I(?:'d| would) rather not|I must decline|I refuse|(?:is|are|be) (?:illegal|unethical|harmful))\b",
-    re.IGNORECASE,
-)
-
-
-def is_refusal(text: str) -> bool:
-    """A declining answer ("I'm sorry, I can't ...", "that is illegal"), judged by phrases in its first
-    300 characters.  English only; misses refusals phrased otherwise and flags answers that say
-    "I can't" about something else."""
-    return _REFUSAL.search(text[:300].replace("\u2019", "'")) is not None
-
 
 def helpful_pairs(pairs: Sequence[Pair], seed: int = 0) -> list[Pair]:
     """Synthetic helpfulness pairs from any preference data: a real, non-refusing response (at least

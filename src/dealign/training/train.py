@@ -21,10 +21,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import DataError, Pair, helpful_pairs, load_pairs, split_pairs, texts_of
-from .backbones import SENTENCE_DEFAULT, LMBackbone, SentenceBackbone, backbone_of
-from .model import EmbeddingRewardModel, EnsembleRewardModel, Head
+from ..models.loading import cache_dir
+from ..rewards.backbones import SENTENCE_DEFAULT, LMBackbone, SentenceBackbone, backbone_of
+from ..rewards.learned import EmbeddingRewardModel, EnsembleRewardModel, Head
 from ..rewards.normalize import Calibration
+from .data import DataError, Pair, helpful_pairs, load_pairs, split_pairs, texts_of
 
 PAIR_KINDS = ("preference", "helpful")
 
@@ -66,8 +67,6 @@ def _cached_rows(compute: Callable[[list[str]], Any], keys: list[str], tag: str,
     """Rows for ``keys`` (in order), from ``compute(new_keys)``.  Every row computed with one backbone
     (``tag``) is kept in one cache file (``DEALIGN_CACHE``/embeddings), so a rerun, other settings or
     other pairs built from the same texts compute only what is new."""
-    from ..models.loading import cache_dir
-
     path = cache_dir() / "embeddings" / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}.pt"
     known: dict[str, torch.Tensor] = {}
     if path.exists():

@@ -1,5 +1,5 @@
-"""``dealign eval TASK``: build the task's batch input, answer it through the batch path in one run
-(resumable: an interrupted run continues where it stopped), then write the summary table, the plots
+"""``dealign eval TASK`` end to end: build the task's batch input, answer it through the batch path in one
+run (resumable: an interrupted run continues where it stopped), then write the summary table, the plots
 and ``report.md``, with the configuration and versions beside them."""
 
 from __future__ import annotations
@@ -7,19 +7,31 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import platform
 import sys
 from pathlib import Path
 
+import torch
+import transformers
+
+from .. import __version__
+from ..api import LOCAL_SEARCH_DEFAULTS
 from ..batch import AlignerSpec, run_batch
 from ..errors import ModelLoadError, ResumeError, UsageError
-from ..settings import SEARCH_FIELDS, Settings, check_search_value
+from ..models.loading import resolve as resolve_model
+from ..rewards.registry import WEIGHTS_DIR
+from ..search import SearchConfig
+from ..settings import Settings
+from .metrics import mean_token_nll
+from .report import markdown, plot_form, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
+from .sentence import judge_sentence
+from .tasks import TASKS
 
 
 def _judge(spec: str | None, policy_loader):
     """The fluency judge: a model other than the policy (Gemma 3 270M when installed)."""
-    from ..evaluation.metrics import mean_token_nll
 
     for name in ([spec] if spec else ["gemma3-270m"]):
         try:
@@ -37,10 +49,6 @@ def _judge(spec: str | None, policy_loader):
 
 def packaged_rewards_fingerprint() -> str:
     """A short hash of every packaged reward head: a resumed run must be scored by the same heads."""
-    import hashlib
-
-    from ..rewards.registry import WEIGHTS_DIR
-
     digest = hashlib.sha256()
     for path in sorted(p for p in WEIGHTS_DIR.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(WEIGHTS_DIR)).encode() + b"\0" + path.read_bytes())
@@ -49,12 +57,10 @@ def packaged_rewards_fingerprint() -> str:
 
 def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, model: str | None, max_new_tokens: int | None,
              offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None,
-             workers: int = 1, settings: list[str] | None = None) -> list[dict]:
-    from ..evaluation.report import markdown, plot_form, plot_quality_vs_cost, plot_tradeoff, summarize, write_report
-    from ..evaluation.tasks import TASKS
-    from ..api import LOCAL_SEARCH_DEFAULTS
-    from ..search import SearchConfig
-
+             workers: int = 1, settings: dict[str, dict] | None = None) -> list[dict]:
+    """Run ``task`` end to end (see the module's docstring); ``settings``: search settings per strategy label
+    (``{"deal": {"lookahead": 2}}``, as :func:`dealign.settings.parse_strategy_settings` reads ``--set``).
+    Returns the summary table."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
     t = TASKS[task]
@@ -62,24 +68,21 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
     max_new_tokens = max_new_tokens or t.max_new_tokens
     out.mkdir(parents=True, exist_ok=True)
     try:
-        rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed, settings=parse_strategy_settings(settings))
+        rows = t.rows(n, strategies, max_new_tokens, offset=offset, seed=seed, settings=settings)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if judge and t.fluency:  # a judge that cannot be found fails now, not after the whole run
-        from ..models.loading import resolve
-
         try:
-            resolve(judge)
+            resolve_model(judge)
         except ModelLoadError as exc:
             raise ModelLoadError(f"--judge {judge!r}: {exc}") from None
     if t.form_metrics:
-        from ..evaluation.sentence import judge_sentence
-
         judge_sentence("The judge is ready.")  # the sentence parser: JudgeUnavailable names the install
     inp, outp = out / "input.jsonl", out / "output.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     spec = AlignerSpec(model)
     policy = functools.cache(spec.build)  # built once, for the answers and (failing another) the fluency judge
+
     config = {"task": task, "n": n, "offset": offset, "seed": seed, "model": model,
               "max_new_tokens": max_new_tokens, "strategies": {s: rows_for(rows, s) for s in strategies},
               "search_defaults": dataclasses.asdict(SearchConfig(**LOCAL_SEARCH_DEFAULTS)), "instruction": t.instruction,
@@ -116,15 +119,10 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
     if t.tradeoff_plot:
         plots.append(plot_tradeoff(table, out / f"{task}_harmless_vs_helpful.png"))
 
-    import torch
-    import transformers
-
-    import dealign
-
     header = (
         f"task **{task}** ({t.describe}); data: {n} items from offset {offset}; model: {model or 'smollm2 (default)'}; "
         f"{'fluency judge' if t.fluency else 'LM judge'}: {judge_name}; max new tokens {max_new_tokens}; seed {seed}; "
-        f"dealign {dealign.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"dealign {__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{platform.machine()}, {torch.get_num_threads()} threads; {datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
     config["judge"] = judge_name
@@ -140,24 +138,3 @@ def rows_for(rows: list[dict], label: str) -> dict:
     """The settings a strategy's rows carried (its first row, without the item's own fields)."""
     first = next(r for r in rows if r["method"] == label)
     return {k: v for k, v in first.items() if k not in ("id", "prompt", "meta", "keywords", "max_words", "weights")}
-
-
-def parse_strategy_settings(items: list[str] | None) -> dict[str, dict]:
-    """``["deal.lookahead=2", "best-of-n.n=16"]`` -> ``{"deal": {"lookahead": 2}, "best-of-n": {"n": 16}}``:
-    search settings per strategy label (the label is everything before the last dot of the name, so
-    ``"deal w=.75/.25.lam=5"`` works too); values are type-checked like the batch fields."""
-    out: dict[str, dict] = {}
-    for item in items or []:
-        name, sep, raw = item.rpartition("=")
-        label, dot, field = name.rpartition(".")
-        if not sep or not dot or not label.strip():
-            raise UsageError(f"--set takes STRATEGY.SETTING=VALUE (e.g. deal.lookahead=2), got {item!r}")
-        label, field = label.strip(), field.strip()
-        if field not in SEARCH_FIELDS:
-            raise UsageError(f"--set {item!r}: {field!r} is not a search setting; settable: {', '.join(SEARCH_FIELDS)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw.strip()
-        out.setdefault(label, {})[field] = check_search_value(field, value)
-    return out

@@ -1,4 +1,5 @@
-"""Frozen feature extractors ("backbones") that a trained reward head sits on.
+"""Frozen feature extractors ("backbones") that a trained reward head sits on; they run at search time
+(every scored candidate is a row), and ``dealign train-reward`` computes its training rows with them.
 
 Two kinds, both mapping (prompt, response) pairs to one feature row each:
 
@@ -27,8 +28,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..rewards.base import RewardError
-from ..rewards.models import _cached, embedder, memoised, right_padded
+from ..models.loading import ALIASES, PACKAGED, ModelLoadError, load
+from .base import RewardError
+from .cache import cached, memoised, right_padded
+from .embedding import embedder
 
 SENTENCE_DEFAULT = "minilm"  # the packaged all-MiniLM-L6-v2
 LM_DEFAULT = "smollm2"  # the packaged SmolLM2-135M-Instruct
@@ -106,14 +109,12 @@ class LMBackbone:
 
     def __init__(self, spec: str | None = None, *, layer: int = -1, prompt_tokens: int = 96,
                  response_tokens: int = 96, batch_size: int = 16, memo: int = 50_000, device: str = "cpu") -> None:
-        from ..models.loading import ModelLoadError, load
-
         self.spec = spec or LM_DEFAULT
         self.layer, self.prompt_tokens, self.response_tokens = int(layer), int(prompt_tokens), int(response_tokens)
         if self.prompt_tokens < 1 or self.response_tokens < 1:
             raise RewardError("prompt_tokens and response_tokens must be >= 1")
         try:
-            loaded = _cached("causal_lm", f"{self.spec}|{device}", lambda: load(self.spec, device=device))
+            loaded = cached("causal_lm", f"{self.spec}|{device}", lambda: load(self.spec, device=device))
         except ModelLoadError as exc:
             raise RewardError(f"reward backbone: {exc}") from exc
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -129,6 +130,14 @@ class LMBackbone:
         self._states: dict[str, _PromptState] = {}  # insertion order = least recently used first
         self.incremental = True  # False: every row read from scratch (the reference the benchmark compares)
         self._plain_cache: bool | None = None
+
+    def reset(self, *, incremental: bool = True) -> None:
+        """Forget every row and prompt read so far (the memo and the kept caches), and read from now on
+        incrementally (default) or every row from scratch: what a timing run does between its settings."""
+        with self._lock:
+            self.memo.clear()
+            self._states.clear()
+            self.incremental = incremental
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -313,8 +322,6 @@ def is_lm_spec(spec: str | None) -> bool:
     """Whether ``spec`` names a causal LM rather than a sentence-transformers model."""
     if spec is None or spec == SENTENCE_DEFAULT:
         return False
-    from ..models.loading import ALIASES, PACKAGED
-
     key = spec.lower()
     if ALIASES.get(key, key) in PACKAGED:
         return True
@@ -335,6 +342,6 @@ def backbone_of(spec: str | None, settings: dict[str, Any] | None = None) -> Sen
     if kind not in KINDS:
         raise RewardError(f"unknown backbone kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "sentence":
-        return _cached("backbone", f"sentence|{spec or SENTENCE_DEFAULT}", lambda: SentenceBackbone(spec))
+        return cached("backbone", f"sentence|{spec or SENTENCE_DEFAULT}", lambda: SentenceBackbone(spec))
     lm_kw = {k: settings[k] for k in ("layer", "prompt_tokens", "response_tokens") if k in settings}
-    return _cached("backbone", f"lm|{spec}|{sorted(lm_kw.items())}", lambda: LMBackbone(spec, **lm_kw))
+    return cached("backbone", f"lm|{spec}|{sorted(lm_kw.items())}", lambda: LMBackbone(spec, **lm_kw))

@@ -1,4 +1,5 @@
-"""Trained reward models: a small head on a frozen backbone, an ensemble of them, and their folders.
+"""Learned rewards: a small trained head on a frozen backbone, an ensemble of them, and their folders (what
+the search scores with; ``dealign train-reward`` fits the heads, see :mod:`dealign.training`).
 
 A head maps one feature row per (prompt, response) to a score; the backbone that makes the rows is
 frozen (see :mod:`.backbones`: MiniLM sentence embeddings, or a causal LM's hidden states read after
@@ -24,9 +25,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..rewards.base import Reward, RewardError
-from ..rewards.normalize import Calibration, calibrated
 from .backbones import SENTENCE_DEFAULT, LMBackbone, SentenceBackbone, backbone_of
+from .base import Reward, RewardError
+from .normalize import Calibration, calibrated
 
 FORMAT = "dealign-embedding-reward"
 ENSEMBLE_FORMAT = "dealign-ensemble-reward"
