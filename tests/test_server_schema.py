@@ -82,3 +82,16 @@ def test_the_errors_found_by_fuzzing_are_declared(app, api_schema):
         missing = client.post("/v1/completions")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert missing.status_code == 400 and missing.json()["error"]["message"]
+
+
+def test_a_streamed_answer_is_declared(tiny_aligner):
+    """Each server-sent event of a streamed answer matches the per-event schema /openapi.json declares
+    (CI's fuzzing once found a stream declared as one string while schemathesis checks every event).
+    Its own app: the test above shuts the shared one down when its TestClient closes."""
+    api_schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(tiny_aligner, LIMITS, model_name="tiny"))
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        operation = api_schema[path]["POST"]
+        body = {"model": "tiny", "stream": True, "max_tokens": 3}
+        body |= {"prompt": "the dog"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+        response = operation.Case(body=body, media_type="application/json").call_and_validate(checks=CHECKS)
+        assert response.status_code == 200 and "data: [DONE]" in response.text

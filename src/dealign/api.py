@@ -205,7 +205,7 @@ class Aligner:
 # An engine's round trips dominate a remote search: segment mode sends one request per candidate per
 # ``lookahead`` tokens (bench: 34 requests/prompt vs 159 in token mode, 2.65 vs 3.40 s/prompt)
 # A local model reads every answer after a neutral request too (search/deal.py, "fluency"); the reward's
-# weight rises with it so coverage holds (chosen on CommonGen dev rows 200-229: README, "Fluent answers").
+# weight rises with it so coverage holds (chosen on CommonGen dev rows 200-229: docs/fluency.md).
 LOCAL_SEARCH_DEFAULTS = {"fluency": 1.0, "lam": 60.0}
 # The fluency context rides in the policy's own forward passes (rows of one local batch): off remotely.
 REMOTE_SEARCH_DEFAULTS = {"mode": "segment", "lookahead": 4, "fluency": 0.0}

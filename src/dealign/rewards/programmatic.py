@@ -417,5 +417,5 @@ def from_options(
     return WeightedSum(terms)
 
 
-# chosen on CommonGen dev rows 200-229 (README, "Fluent answers"): with lam 60 a non-sentence costs 30 nats
+# chosen on CommonGen dev rows 200-229 (docs/fluency.md): with lam 60 a non-sentence costs 30 nats
 WELL_FORMED_WEIGHT = 0.5

@@ -171,7 +171,7 @@ def deal_search(
     too, and ``cfg.fluency`` times that log-prob joins the score.  Why: the policy after "use all of
     these words: dog, frisbee, catch" finds "Dog, frisbee, catch." cheap, since it copies the prompt;
     the same model after a plain "Write one sentence." finds it as unlikely as any reader would, while
-    a sentence costs about what it costs in the prompt's context (README, "Fluent answers").
+    a sentence costs about what it costs in the prompt's context (docs/fluency.md).
 
     ``on_commit(ids)``, if given, is called after every step that the search goes on from with the
     tokens every possible answer now starts with (see :func:`certain_prefix`; it only grows); it may

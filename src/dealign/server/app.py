@@ -58,8 +58,13 @@ WHY = {
     503: "The request ran past this server's time limit (--timeout, queue included), or the server is shutting down.",
 }
 COMPLETION_ERRORS = (400, 404, 413, 429, 499, 503)
+# One server-sent event (OpenAPI 3.0/3.1 put the per-event schema under ``schema``; 3.2 calls it itemSchema):
+# ``data`` is a JSON chunk (or ``[DONE]``), as OpenAI streams it
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "contentMediaType": "application/json"},
+                            "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 STREAM = {200: {"description": "The answer as JSON or, with ``stream: true``, as server-sent events.",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def errors(*statuses: int) -> dict[int, dict]:

@@ -144,11 +144,11 @@ class Worker:
                              "arrival, queue included; set by --timeout); ask for fewer tokens or a smaller search, "
                              "or retry when the server is less busy", type="timeout", code="timeout")
 
-    def check_prompt(self, job: Job) -> str:
+    def check_prompt(self, job: Job) -> tuple[list[int], str]:
         """A 400 for a prompt that cannot be answered (empty, or longer than ``--max-prompt-tokens``).
         The handler calls it before a stream starts, so such a request gets an HTTP error, not a 200
         whose only event is an error; the worker calls it again for jobs submitted directly.  Returns
-        the user's text that the rewards see."""
+        the prompt's token ids and the user's text that the rewards see."""
         try:
             ids, user_text = self.aligner.encode_prompt(job.prompt, **job.prompt_options)
         except ValueError as exc:
@@ -157,7 +157,7 @@ class Worker:
             raise ApiError(400, f"the prompt is {len(ids)} tokens (after the chat template), more than this server "
                                 f"allows ({self.limits.max_prompt_tokens}, set by --max-prompt-tokens)",
                            param="prompt", code="limit_exceeded")
-        return user_text
+        return ids, user_text
 
     # the worker thread ---------------------------------------------------------------------------
     def _run(self, job: Job, emit: Callable[[str], None] | None) -> Outcome | None:
@@ -166,7 +166,7 @@ class Worker:
         if time.monotonic() > job.deadline:
             raise self.timeout_error()
         aligner = self.aligner
-        user_text = self.check_prompt(job)
+        ids, user_text = self.check_prompt(job)
         text = CommittedText(aligner.backend.decode, job.stop)
         steps = 0
 
