@@ -300,7 +300,7 @@ def bench(
 
 
 def _bench_harm_cost(model: Optional[str], prompts: int, max_new_tokens: int, json_out: Path) -> None:
-    from ..evaluation.harm_cost import run_harm_cost
+    from ..tools.harm_cost import run_harm_cost
     from ..evaluation.table import markdown_table
 
     rows = run_harm_cost(prompts, max_new_tokens, model)

@@ -15,8 +15,8 @@ from ..api import Aligner
 from ..rewards import named_reward
 from ..rewards.learned import EnsembleRewardModel, load_reward_folder
 from ..rewards.registry import WEIGHTS_DIR
-from .harmless import harmfulq
-from .metrics import mean
+from ..evaluation.harmless import harmfulq
+from ..evaluation.metrics import mean
 
 # DeAL: beam 4, top-k 4, lookahead 4 (the reward sees 5 new tokens per candidate); segment mode commits them all
 DEAL_SEGMENT = {"strategy": "deal", "mode": "segment", "beam": 4, "topk": 4, "lookahead": 4, "lam": 10.0}
