@@ -110,7 +110,7 @@ def test_json_output_has_the_result_fields_and_coverage(cli):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert {"text", "token_ids", "finished", "reward", "rewards", "logprob", "score", "strategy", "stats", "beam"} <= set(data)
-    assert set(data["rewards"]) == {"keywords", "max_words", "well_formed"}  # keywords bring the well_formed reward
+    assert set(data["rewards"]) == {"keywords", "max_words", "well_formed", "finish_with_keywords"}  # keywords bring the well_formed reward
     assert 0.0 <= data["coverage"] <= 1.0
     assert data["strategy"] == "deal" and 1 <= len(data["token_ids"]) <= 6
     assert len(data["beam"]) <= 2
@@ -150,7 +150,7 @@ def test_batch_writes_one_line_per_row_with_per_line_overrides(cli, tmp_path):
         assert ANSWER_FIELDS <= set(r)
         assert r["seconds"] >= 0 and r["stats"]["steps"] >= 1
     assert [r["strategy"] for r in rows] == ["greedy", "deal", "deal"]
-    assert set(rows[0]["rewards"]) == {"keywords", "well_formed"} and "coverage" in rows[0]  # flag keywords apply
+    assert set(rows[0]["rewards"]) == {"keywords", "well_formed", "finish_with_keywords"} and "coverage" in rows[0]  # flag keywords apply
     assert rows[1]["keywords"] == ["cat", "mat"] and 0.0 <= rows[1]["coverage"] <= 1.0
     assert rows[2]["tokens"] <= 3
     assert rows[2]["rewards"] == {} and "coverage" not in rows[2]  # null reset the flag's keywords

@@ -53,7 +53,7 @@ def test_deal_covers_more_keywords_than_greedy_on_commongen(smol):
 
 def test_the_fluent_objective_writes_more_real_sentences_without_losing_keywords(smol):
     """Issue 11: today's defaults (lam 20, no fluency term, coverage alone) against the new ones (the
-    aligner's fluency term and lam, keyword coverage + well_formed, as `dealign generate --keywords`
+    aligner's fluency term and lam, keyword coverage + well_formed + finish_with_keywords, as `dealign generate --keywords`
     builds it), judged by the spaCy sentence judge that no reward uses."""
     from dealign.evaluation.sentence import judge_sentence
     from dealign.rewards import from_options
@@ -70,10 +70,10 @@ def test_the_fluent_objective_writes_more_real_sentences_without_losing_keywords
             else:
                 new_sent, new_hard, new_both = new_sent + sentence, new_hard + hard, new_both + (sentence and hard)
         assert new.fluency < 0 and old.fluency == 0.0
+    print(f"\nsentences {old_sent} -> {new_sent}, finished with every keyword {old_hard} -> {new_hard}, both {old_both} -> {new_both}")
     assert new_sent > old_sent
     assert new_both > old_both  # finished with every keyword *and* a sentence
-    # measured on these 10: 8 finished with every keyword against 10 before (issue 11 asks for no loss: not met)
-    assert new_hard >= old_hard - 2
+    assert new_hard >= old_hard  # and no keyword lost for it (finish_with_keywords)
 
 
 def test_search_is_deterministic_on_the_real_model(smol):

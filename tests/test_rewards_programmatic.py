@@ -272,17 +272,36 @@ def test_bad_reward_output_raises_with_name():
         boom([""], ["a"])
 
 
-def test_keywords_bring_the_well_formed_reward_unless_told_otherwise():
-    from dealign.rewards.programmatic import WELL_FORMED_WEIGHT
+def test_keywords_bring_the_well_formed_and_finish_rewards_unless_told_otherwise():
+    from dealign.rewards.programmatic import FINISH_WITH_KEYWORDS_WEIGHT, WELL_FORMED_WEIGHT
 
     on = from_options(keywords="dog, cat")
-    assert on.names == ["keywords", "well_formed"] and on.terms[1][1] == WELL_FORMED_WEIGHT
+    assert on.names == ["keywords", "well_formed", "finish_with_keywords"]
+    assert [w for _, w in on.terms[1:]] == [WELL_FORMED_WEIGHT, FINISH_WITH_KEYWORDS_WEIGHT]
     assert from_options(keywords="dog", weights={"well_formed": 2.0}).terms[1][1] == 2.0
-    assert from_options(keywords="dog", well_formed=False).names == ["keywords"]
+    assert from_options(keywords="dog", weights={"finish_with_keywords": 3.0}).terms[2][1] == 3.0
+    assert from_options(keywords="dog", well_formed=False).names == ["keywords", "finish_with_keywords"]
+    assert from_options(keywords="dog", finish_with_keywords=False).names == ["keywords", "well_formed"]
     assert from_options(max_words=5).names == ["max_words"]
     assert from_options(max_words=5, well_formed=True).names == ["max_words", "well_formed"]
     with pytest.raises(TypeError, match="well_formed"):
         from_options(keywords="dog", well_formed="yes")
+    with pytest.raises(TypeError, match="finish_with_keywords"):
+        from_options(keywords="dog", finish_with_keywords=1)
+    with pytest.raises(ValueError, match="finish_with_keywords needs keywords"):
+        from_options(max_words=5, finish_with_keywords=True)
+
+
+def test_finish_with_keywords_costs_only_an_early_end():
+    from dealign.rewards import finish_with_keywords
+
+    r = finish_with_keywords(["dog", "frisbee"])
+    texts = ["A dog runs.", "A dog catches a frisbee.", "A dog runs.", "A dog catches frisbees."]
+    # finished one keyword short: 0; finished with both (any inflection): 1; unfinished or cut: 1 whatever it holds
+    assert r([""] * 4, texts, finished=[True, True, False, True]) == [0.0, 1.0, 1.0, 1.0]
+    assert r([""], ["nothing yet"]) == [1.0]  # no finished flags: nothing has ended
+    total = from_options(keywords="dog, frisbee", well_formed=False).score([""] * 2, ["A dog runs."] * 2, finished=[True, False])
+    assert total.total == pytest.approx([0.5, 0.5 + 0.5])
 
 
 def test_from_options():
@@ -297,6 +316,7 @@ def test_from_options():
         must_not_match="http",
         weights={"keywords": 0.7, "max_words": 0.3},
         well_formed=False,
+        finish_with_keywords=False,
     )
     assert combo.names == ["keywords", "max_words", "min_words", "banned", "must_match", "must_not_match"]
     assert [w for _, w in combo.terms] == [0.7, 0.3, 1.0, 1.0, 1.0, 1.0]
@@ -305,7 +325,7 @@ def test_from_options():
         {"keywords": 0.5, "max_words": 1.0, "min_words": 1.0, "banned": 1.0, "must_match": 1.0, "must_not_match": 1.0}
     )
     assert res.total[0] == pytest.approx(0.35 + 0.3 + 4.0)
-    hard = from_options(keywords="dog, cat", keyword_mode="hard", well_formed=False)
+    hard = from_options(keywords="dog, cat", keyword_mode="hard", well_formed=False, finish_with_keywords=False)
     assert hard.score([""], ["a dog"]).total == [0.0]
     with pytest.raises(ValueError, match="unknown reward"):
         from_options(keywords=["dog"], weights={"keyword": 1.0})

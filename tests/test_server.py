@@ -125,7 +125,7 @@ def test_deal_aligned_completion_with_keywords(client, tiny_aligner):
     assert resp.choices[0].text == expected.text
     report = extra(resp, "alignment")
     assert report["strategy"] == "deal" and report["search"]["fluency"] == tiny_aligner.search_defaults["fluency"]
-    assert set(report["rewards"]) == {"keywords", "well_formed"} and report["reward"] == pytest.approx(expected.reward)
+    assert set(report["rewards"]) == {"keywords", "well_formed", "finish_with_keywords"} and report["reward"] == pytest.approx(expected.reward)
     assert report["search"]["beam"] == 2 and report["search"]["lookahead"] == 2
     assert 0.0 <= report["coverage"] <= 1.0
     assert report["stats"]["candidates_scored"] > 0
@@ -141,17 +141,17 @@ def test_aligned_chat_with_weights_instruction_and_best_of_n(client, tiny_aligne
     expected = tiny_aligner.generate(messages, reward=reward, instruction="Use the words.", strategy="best-of-n", n=4,
                                      temperature=0.7, seed=1, max_new_tokens=10)
     assert resp.choices[0].message.content == expected.text
-    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", "max_words", "well_formed"}
+    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", "max_words", "well_formed", "finish_with_keywords"}
 
 
 def test_alignment_sets_the_fluency_term_and_a_bad_weight_is_a_400(client, server, tiny_aligner):
-    align = {**ALIGN, "fluency": 0.0, "well_formed": False}
+    align = {**ALIGN, "fluency": 0.0, "well_formed": False, "finish_with_keywords": False}
     resp = client.completions.create(model=MODEL, prompt="the dog", max_tokens=12, extra_body={"alignment": align})
     expected = tiny_aligner.generate("the dog", reward=keywords(["dog", "frisbee"]), strategy="deal", beam=2, topk=2,
                                      lookahead=2, lam=5.0, fluency=0.0, max_new_tokens=12)
     assert resp.choices[0].text == expected.text and set(extra(resp, "alignment")["rewards"]) == {"keywords"}
     for bad, needle in (({"fluency": -1}, "fluency"), ({"fluency": "high"}, "fluency must be a number"),
-                        ({"well_formed": "yes"}, "well_formed")):
+                        ({"well_formed": "yes"}, "well_formed"), ({"finish_with_keywords": 2}, "finish_with_keywords")):
         r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "the dog", "alignment": {**ALIGN, **bad}})
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
 
@@ -171,7 +171,7 @@ def test_named_model_reward_next_to_keywords(client, server, name):
     align = {**ALIGN, "named_rewards": {name: 0.5}}
     resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the dog"}], max_tokens=6,
                                           extra_body={"alignment": align})
-    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", name, "well_formed"}
+    assert set(extra(resp, "alignment")["rewards"]) == {"keywords", name, "well_formed", "finish_with_keywords"}
 
 
 def test_operator_limits_the_named_rewards_and_regexes(tiny_aligner):
@@ -493,7 +493,7 @@ def test_smollm2_aligned_chat_with_keyword_and_harmlessness_objectives():
         resp = srv.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=32,
                                                     extra_body={"alignment": align})
         report = extra(resp, "alignment")
-        assert set(report["rewards"]) == {"keywords", "harmless", "well_formed"}
+        assert set(report["rewards"]) == {"keywords", "harmless", "well_formed", "finish_with_keywords"}
         assert report["coverage"] == 1.0 and resp.choices[0].finish_reason == "stop", resp.choices[0].message.content
         pieces, _ = stream_text(list(srv.client().chat.completions.create(
             model="smollm2", messages=messages, max_tokens=32, stream=True, extra_body={"alignment": align})), chat=True)

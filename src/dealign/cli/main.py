@@ -112,6 +112,7 @@ def generate(
     min_words: Annotated[Optional[int], typer.Option(help="Penalise answers shorter than this many words.", rich_help_panel=_R)] = None,
     banned: Annotated[Optional[str], typer.Option(help="Comma-separated words the answer must avoid.", rich_help_panel=_R)] = None,
     well_formed: Annotated[Optional[bool], typer.Option("--well-formed/--no-well-formed", help="Reward answers that read as a sentence (no keyword list, loop or verbless fragment); weight with --weight well_formed=W [default: on with --keywords].", show_default=False, rich_help_panel=_R)] = None,
+    finish_with_keywords: Annotated[Optional[bool], typer.Option("--finish-with-keywords/--no-finish-with-keywords", help="Make ending before every keyword is in cost its weight (--weight finish_with_keywords=W) [default: on with --keywords].", show_default=False, rich_help_panel=_R)] = None,
     must_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must contain (repeatable).", rich_help_panel=_R)] = None,
     must_not_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must not contain (repeatable).", rich_help_panel=_R)] = None,
     weight: Annotated[Optional[List[str]], typer.Option(help="Reward weight NAME=W, e.g. keywords=0.7 (repeatable) [default: 1 each].", rich_help_panel=_R)] = None,

@@ -205,6 +205,24 @@ def keywords(words: str | Iterable[str], mode: str = "soft") -> Reward:
     return Reward(score, "keywords", upper_bound=1.0)
 
 
+def finish_with_keywords(words: str | Iterable[str]) -> Reward:
+    """1.0 unless the text has *finished* (ended with end-of-sequence) without every keyword: then 0.0.
+
+    Why: a coverage reward says nothing about *when* an answer may stop, so the search happily ends a
+    good sentence one keyword short when every continuation that fits the last keyword in costs more
+    than the keyword is worth.  This term makes ending early cost its weight (times lam) without
+    touching how partial texts are ranked: an unfinished text, or one cut by the token budget, scores
+    1.0 whatever it holds.  On its own it would not guide the search; beside ``keywords`` it keeps the
+    stop token from winning while a keyword is missing (docs/fluency.md, "Finishing with every keyword")."""
+    patterns = [_keyword_pattern(w) for w in normalize_keywords(words)]
+
+    def score(prompts: list[str], completions: list[str], finished: Sequence[bool] | None = None) -> list[float]:
+        fin = finished if finished is not None else [False] * len(completions)
+        return [0.0 if done and not all(p.search(t) for p in patterns) else 1.0 for t, done in zip(completions, fin)]
+
+    return Reward(score, "finish_with_keywords", upper_bound=1.0)
+
+
 def banned(words: str | Iterable[str]) -> Reward:
     """Penalty for banned words: ``1 - (distinct banned words present) / (number of banned words)``.
 
@@ -371,8 +389,9 @@ def custom(fn: RewardFn, name: str | None = None, **kw: Any) -> Reward:
 
 # from_options' parameters shadow the factories of the same name.
 _keywords, _max_words, _min_words, _banned = keywords, max_words, min_words, banned
-_must_match, _must_not_match = must_match, must_not_match
-_OPTION_NAMES = ("keywords", "max_words", "min_words", "banned", "must_match", "must_not_match", "well_formed")
+_must_match, _must_not_match, _finish_with_keywords = must_match, must_not_match, finish_with_keywords
+_OPTION_NAMES = ("keywords", "max_words", "min_words", "banned", "must_match", "must_not_match", "well_formed",
+                 "finish_with_keywords")
 
 
 def from_options(
@@ -385,6 +404,7 @@ def from_options(
     must_not_match: str | Sequence[str] | None = None,
     weights: Mapping[str, float] | None = None,
     well_formed: bool | None = None,
+    finish_with_keywords: bool | None = None,
 ) -> WeightedSum:
     """Build the weighted sum described by CLI flags / batch-JSONL fields; options left as None are
     skipped, so nothing given yields an empty WeightedSum.  Every term has weight 1.0 unless ``weights``
@@ -392,7 +412,8 @@ def from_options(
 
     ``well_formed`` (see ``rewards/form.py``): None means "on when keywords are asked for" -- a list
     of the keywords is what a coverage reward alone buys -- at weight ``WELL_FORMED_WEIGHT``; True /
-    False force it on / off."""
+    False force it on / off.  ``finish_with_keywords`` likewise (None: on with keywords, at weight
+    ``FINISH_WITH_KEYWORDS_WEIGHT``): ending before every keyword is in costs that weight."""
     weights = dict(weights or {})
     unknown = sorted(set(weights) - set(_OPTION_NAMES))
     if unknown:
@@ -408,14 +429,22 @@ def from_options(
     ):
         if value is not None:
             terms.append((build(value), weights.get(name, 1.0)))
-    if well_formed is None:
-        well_formed = keywords is not None
-    if not isinstance(well_formed, bool):
-        raise TypeError(f"well_formed must be true or false, got {well_formed!r}")
-    if well_formed:
-        terms.append((_well_formed(), weights.get("well_formed", WELL_FORMED_WEIGHT)))
+    for name, on, build, default_weight in (
+        ("well_formed", well_formed, lambda: _well_formed(), WELL_FORMED_WEIGHT),
+        ("finish_with_keywords", finish_with_keywords, lambda: _finish_with_keywords(keywords), FINISH_WITH_KEYWORDS_WEIGHT),
+    ):
+        if on is None:
+            on = keywords is not None
+        if not isinstance(on, bool):
+            raise TypeError(f"{name} must be true or false, got {on!r}")
+        if on and name == "finish_with_keywords" and keywords is None:
+            raise ValueError("finish_with_keywords needs keywords: give the words the answer must hold before it ends")
+        if on:
+            terms.append((build(), weights.get(name, default_weight)))
     return WeightedSum(terms)
 
 
 # chosen on CommonGen dev rows 200-229 (docs/fluency.md): with lam 60 a non-sentence costs 30 nats
 WELL_FORMED_WEIGHT = 0.5
+# chosen on the same rows: ending a sentence one keyword short costs 30 nats, so it goes on to use the word
+FINISH_WITH_KEYWORDS_WEIGHT = 0.5
