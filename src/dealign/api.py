@@ -8,10 +8,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .backends.base import Backend
 from .backends.hf import HFBackend
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UsageError
 from .models.loading import load
 from .rewards.base import as_reward
 from .search import SearchConfig, SearchResult, run_search
+from .settings import Settings
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -169,6 +170,7 @@ class Aligner:
         instruction: str | None = None,
         response_prefix: str = "",
         on_commit: Callable[[list[int]], None] | None = None,
+        profile: str | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Decode ``prompt`` with ``search`` (a ``SearchConfig``, a dict of its fields, or keyword
@@ -182,7 +184,12 @@ class Aligner:
         to keep them).
 
         ``on_commit(token_ids)`` is called after every search step with the answer's tokens that are
-        already certain (a growing prefix; see ``run_search``); raising from it aborts the search."""
+        already certain (a growing prefix; see ``run_search``); raising from it aborts the search.
+
+        ``profile`` (see ``dealign.profiles``, e.g. ``"safe"``) supplies search settings beneath
+        ``search`` and the overrides, and the reward and instruction when those are not given."""
+        if profile is not None:
+            search, reward, instruction = _with_profile(profile, search, reward, instruction)
         cfg = _config(search, overrides, self.search_defaults)
         rsum = as_reward(reward)
         ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
@@ -255,6 +262,17 @@ def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[
     elif not isinstance(search, SearchConfig):
         raise TypeError(f"search must be a SearchConfig or a dict of its fields, got {type(search).__name__}")
     return search.replace(**overrides) if overrides else search
+
+
+def _with_profile(name: str, search: Any, reward: Any, instruction: str | None) -> tuple[dict, Any, str | None]:
+    """A profile's settings beneath what the call gives: its search fields under ``search``, its
+    reward and instruction only where the call gives none."""
+    if isinstance(search, SearchConfig):
+        raise UsageError("profile= sets search fields beneath yours: pass search as a dict of fields (or keyword "
+                         "overrides), not a SearchConfig, which states every field")
+    base = Settings.from_values({"profile": name})
+    search = {**base.search, **_known(search or {})}
+    return search, base.build_reward() if reward is None else reward, instruction or base.prompt.get("instruction")
 
 
 def _known(values: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -31,7 +31,7 @@ def _prompt(words: list[str]) -> str:
 
 def _run(aligner: Any, words: list[str], **search: Any) -> dict[str, Any]:
     start = time.perf_counter()
-    # what `dealign generate --keywords` builds: keyword coverage plus the well_formed reward
+    # what `dealign generate --keywords` builds: keyword coverage plus the well_formed and finish_with_keywords rewards
     res = aligner.generate(_prompt(words), reward=from_options(keywords=words), max_new_tokens=MAX_NEW_TOKENS, **search)
     found = keywords_found(res.text, words)
     return {
@@ -76,7 +76,7 @@ def run_demo(model: Any = None, n: int = 4, console: Console | None = None) -> d
     for words in CONCEPT_SETS[:n]:
         rows.append({"keywords": words, "greedy": _run(aligner, words, strategy="greedy"), "deal": _run(aligner, words, strategy="deal")})
 
-    table = Table(title=f"greedy vs DeAL ({MAX_NEW_TOKENS} new tokens, reward = keyword coverage + well-formed, fluency term on)", show_lines=True)
+    table = Table(title=f"greedy vs DeAL ({MAX_NEW_TOKENS} new tokens, reward = keyword coverage + well-formed + finish with every keyword, fluency term on)", show_lines=True)
     for col in ("keywords", "greedy", "cov", "s", "DeAL", "cov", "s", "finished\ngreedy/DeAL"):
         table.add_column(col, justify="right" if col in ("cov", "s") else "left")
     for row in rows:

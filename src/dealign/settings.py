@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import UsageError
+from .profiles import get_profile, overridden
 from .rewards import from_options, keyword_coverage, keywords_found, normalize_keywords
 from .rewards.base import WeightedSum
 from .search import SearchConfig
@@ -27,7 +28,9 @@ REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
 MODEL_REWARD_FIELDS = ("named_rewards", "reward_model", "reward_every_n_tokens", "reward_finished_only")
 PROMPT_FIELDS = ("instruction", "response_prefix")
 INPUT_FIELDS = ("prompt", "messages")
-SETTING_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS  # everything but the input
+# a named set of the fields above (profiles.py), applied beneath the fields given beside it
+PROFILE_FIELDS = ("profile",)
+SETTING_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + PROFILE_FIELDS  # all but the input
 KNOWN_FIELDS = SETTING_FIELDS + INPUT_FIELDS
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -131,10 +134,20 @@ class Settings:
     reward: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)  # named_rewards, reward_model
+    profile: str | None = None  # the profile these settings started from, if any
+    notes: list[str] = field(default_factory=list)  # fields given beside the profile that override it
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "Settings":
-        """Sort known fields into their groups, type-checking them; unknown keys are ignored here."""
+        """Sort known fields into their groups, type-checking them; unknown keys are ignored here.
+        A ``profile`` is applied first and the other fields over it (``weights`` and ``named_rewards``
+        name by name), so every field given beside a profile wins; ``notes`` says which ones did."""
+        if values.get("profile") is not None:
+            profile = get_profile(values["profile"])
+            rest = {k: v for k, v in values.items() if k != "profile" and v is not None}  # None: not given
+            out = cls.from_values(profile.values).merged(rest)
+            out.profile, out.notes = profile.name, overridden(profile, rest)
+            return out
         s = cls()
         for name, value in values.items():
             if value is None:
@@ -168,10 +181,12 @@ class Settings:
 
     def merged(self, values: Mapping[str, Any]) -> "Settings":
         """These settings overridden by ``values`` (a batch line); a JSON ``null`` resets a field to
-        its default, and ``weights`` and ``named_rewards`` are merged name by name."""
+        its default, and ``weights`` and ``named_rewards`` are merged name by name.  A line's ``profile``
+        counts as fields of that line: it overrides the flags' settings, and the line's other fields
+        override it."""
         over = Settings.from_values(values)
         out = Settings({**self.search, **over.search}, {**self.reward, **over.reward}, {**self.prompt, **over.prompt},
-                       {**self.models, **over.models})
+                       {**self.models, **over.models}, over.profile or self.profile, self.notes + over.notes)
         for group, name in ((self.reward, "weights"), (self.models, "named_rewards")):
             if name in group and name in values and values[name] is not None:
                 target = out.reward if group is self.reward else out.models

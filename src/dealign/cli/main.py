@@ -17,6 +17,7 @@ import typer
 from ..api import LOCAL_SEARCH_DEFAULTS
 from ..batch import AlignerSpec, run_batch
 from ..errors import ModelLoadError, UsageError
+from ..profiles import PROFILES, describe
 from ..search import STRATEGIES, SearchConfig
 from ..server.limits import ServerLimits
 from ..settings import SETTING_FIELDS, Settings, parse_weights
@@ -104,6 +105,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed [default: {_D.seed}].", rich_help_panel=_S)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help=f"Generation budget [default: {_D.max_new_tokens}].", rich_help_panel=_S)] = None,
     early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help=f"Stop once no open state can beat the best finished answer [default: {_D.early_stop}].", show_default=False, rich_help_panel=_S)] = None,
+    profile: Annotated[Optional[str], typer.Option(help="An alignment profile: rewards, weights, search settings and instruction chosen together (see `dealign profiles`); any flag given beside it wins.", rich_help_panel=_S)] = None,
     instruction: Annotated[Optional[str], typer.Option(help="Alignment instruction given as the system message (start-state adaptation).", rich_help_panel="Prompt")] = None,
     response_prefix: Annotated[Optional[str], typer.Option(help="Text the answer is forced to start with.", rich_help_panel="Prompt")] = None,
     keywords: Annotated[Optional[str], typer.Option(help="Comma-separated words the answer should contain.", rich_help_panel=_R)] = None,
@@ -139,6 +141,8 @@ def generate(
         if input is not None and (json_out or explain):
             raise UsageError("--json and --explain are for a single PROMPT; batch output is always JSONL")
         base = Settings.from_values(_setting_values(options))
+        for note in base.notes:
+            typer.echo(f"note: {note}", err=True)
         if engine_url is None and (engine_dialect or engine_model or engine_top_n):
             raise UsageError("--engine-dialect, --engine-model and --engine-top-n need --engine-url URL")
         if engine_url is not None and (draft_model or dtype or device):
@@ -186,6 +190,12 @@ def _generate_one(prompt: str, base: Settings, spec: AlignerSpec, *, json_out: b
         from .render import explain as render
 
         render(result, reward, Console(stderr=json_out), base.missing(result.text) if base.keywords else None)
+
+
+@app.command()
+def profiles() -> None:
+    """List the alignment profiles (--profile, batch field "profile", server alignment.profile) and what each sets."""
+    typer.echo("\n\n".join(describe(p) for p in PROFILES.values()))
 
 
 @app.command()

@@ -1,0 +1,87 @@
+"""Alignment profiles: rewards, weights, search settings and start state chosen together, under one name.
+
+Why: making a model harmless takes several settings that only work together (a reward, its weight, a
+search wide enough at the opening to reach a refusal, the alignment instruction); a user should not
+have to find them.  A profile is a set of request settings -- the batch fields of ``settings.py`` --
+applied as if they were given where the profile is given, *beneath* the fields given beside it: any
+field can still be overridden (``--profile safe --lam 5`` searches with lam 5), and such an override
+is reported in one line.  ``dealign profiles`` lists what each profile sets.
+
+This module imports nothing of ours but the errors, so the settings, the API, the CLI and the server
+can all read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import UsageError
+
+SAFETY_INSTRUCTION = (
+    "You are a helpful and harmless assistant. If a request could help someone cause harm (anything dangerous, "
+    "illegal, unethical or hurtful), politely refuse and briefly say why. Otherwise, answer helpfully."
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of request settings; ``status`` says how far it has been measured."""
+
+    name: str
+    summary: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    status: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    "safe": Profile(
+        "safe",
+        "refuse harmful requests, answer the others: R_harmless with the safety instruction as the start state, "
+        "and a token-level search wide enough to reach a refusal's first tokens",
+        {
+            "instruction": SAFETY_INSTRUCTION,
+            "named_rewards": {"harmless": 1.0},
+            "strategy": "deal", "mode": "token", "beam": 4, "topk": 8, "lookahead": 2, "lam": 30.0, "fluency": 0.0,
+        },
+        status="provisional (issue 13): the settings that turned 6 of 6 HarmfulQ answers into refusals, at "
+               "about 40x greedy's time; the cheaper opening schedule is not built yet",
+    ),
+}
+
+
+def get_profile(name: Any) -> Profile:
+    """The profile called ``name``; a one-line error naming the closest one for a typo."""
+    if not isinstance(name, str):
+        raise UsageError(f"profile must be a profile name (a string), got {name!r}; see `dealign profiles`")
+    try:
+        return PROFILES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PROFILES, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown profile {name!r}{hint}; known: {', '.join(PROFILES)} (see `dealign profiles`)") from None
+
+
+def overridden(profile: Profile, values: Mapping[str, Any]) -> list[str]:
+    """One line per field given beside ``profile`` that changes what the profile sets (the field wins)."""
+    lines = []
+    for name, value in values.items():
+        if name not in profile.values or value is None:
+            continue
+        ours = profile.values[name]
+        if isinstance(value, Mapping) and isinstance(ours, Mapping):  # weights, named_rewards: merged name by name
+            lines += [f"{name}.{key}={value[key]!r} overrides the {profile.name} profile's {name}.{key}={ours[key]!r}"
+                      for key in value if key in ours and value[key] != ours[key]]
+        elif value != ours:
+            lines.append(f"{name}={value!r} overrides the {profile.name} profile's {name}={ours!r}")
+    return lines
+
+
+def describe(profile: Profile) -> str:
+    """What ``dealign profiles`` prints for one profile."""
+    lines = [f"{profile.name}: {profile.summary}"]
+    lines += [f"  {name} = {value!r}" for name, value in profile.values.items()]
+    if profile.status:
+        lines.append(f"  status: {profile.status}")
+    return "\n".join(lines)
