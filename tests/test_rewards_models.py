@@ -279,7 +279,7 @@ def test_cli_reward_flags_and_errors(tiny_model_dir, tiny_rm, tmp_path):
     ok = run("the dog", *SMALL, "--reward-model", str(tiny_rm), "--reward", "sentiment=0.5", "--keywords", "dog", "--json")
     assert ok.exit_code == 0, ok.output
     data = json.loads(ok.stdout)
-    assert set(data["rewards"]) == {"keywords", tiny_rm.name, "sentiment", "well_formed"}
+    assert set(data["rewards"]) == {"keywords", tiny_rm.name, "sentiment", "well_formed", "finish_with_keywords"}
 
 
 def test_batch_named_rewards_field(tiny_model_dir, tiny_rm, tmp_path):
@@ -316,7 +316,7 @@ def test_model_rewards_can_be_scheduled_from_the_cli_and_batch_fields(tiny_model
     total = Settings.from_values({"named_rewards": {"sentiment": 1.0}, "keywords": "dog",
                                   "reward_every_n_tokens": 4, "reward_finished_only": True}).build_reward()
     sched = {name: (r.every_n_tokens, r.finished_only) for (r, _), name in zip(total.terms, total.names)}
-    assert sched == {"keywords": (1, False), "well_formed": (1, False), "sentiment": (4, True)}  # programmatic rewards stay every token
+    assert sched == {"keywords": (1, False), "well_formed": (1, False), "finish_with_keywords": (1, False), "sentiment": (4, True)}  # programmatic rewards stay every token
     assert named_reward("sentiment").every_n_tokens == 1  # the shared named reward is not modified
     for bad, needle in (({"reward_every_n_tokens": 0}, "integer >= 1"), ({"reward_finished_only": "yes"}, "true or false")):
         with pytest.raises(UsageError, match=needle):
