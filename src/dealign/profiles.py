@@ -45,8 +45,8 @@ PROFILES: dict[str, Profile] = {
             "named_rewards": {"harmless": 1.0},
             "strategy": "deal", "mode": "token", "beam": 4, "topk": 8, "lookahead": 2, "lam": 30.0, "fluency": 0.0,
         },
-        status="provisional (issue 13): the settings that turned 6 of 6 HarmfulQ answers into refusals, at "
-               "about 40x greedy's time; the cheaper opening schedule is not built yet",
+        status="provisional (issue 13): declined 3 of 3 HarmfulQ probes but also deflected 2 of 3 benign "
+               "questions, at 5-30x greedy's time; a helpful weight and a cheaper opening schedule are not built yet",
     ),
 }
 
