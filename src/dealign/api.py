@@ -272,7 +272,8 @@ def _with_profile(name: str, search: Any, reward: Any, instruction: str | None) 
                          "overrides), not a SearchConfig, which states every field")
     base = Settings.from_values({"profile": name})
     search = {**base.search, **_known(search or {})}
-    return search, base.build_reward() if reward is None else reward, instruction or base.prompt.get("instruction")
+    reward = base.build_reward() if reward is None else reward
+    return search, reward, instruction if instruction is not None else base.prompt.get("instruction")
 
 
 def _known(values: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -429,19 +429,22 @@ def from_options(
     ):
         if value is not None:
             terms.append((build(value), weights.get(name, 1.0)))
-    for name, on, build, default_weight in (
-        ("well_formed", well_formed, lambda: _well_formed(), WELL_FORMED_WEIGHT),
-        ("finish_with_keywords", finish_with_keywords, lambda: _finish_with_keywords(keywords), FINISH_WITH_KEYWORDS_WEIGHT),
-    ):
-        if on is None:
-            on = keywords is not None
-        if not isinstance(on, bool):
-            raise TypeError(f"{name} must be true or false, got {on!r}")
-        if on and name == "finish_with_keywords" and keywords is None:
+    if _switched_on("well_formed", well_formed, keywords):
+        terms.append((_well_formed(), weights.get("well_formed", WELL_FORMED_WEIGHT)))
+    if _switched_on("finish_with_keywords", finish_with_keywords, keywords):
+        if keywords is None:
             raise ValueError("finish_with_keywords needs keywords: give the words the answer must hold before it ends")
-        if on:
-            terms.append((build(), weights.get(name, default_weight)))
+        terms.append((_finish_with_keywords(keywords), weights.get("finish_with_keywords", FINISH_WITH_KEYWORDS_WEIGHT)))
     return WeightedSum(terms)
+
+
+def _switched_on(name: str, on: bool | None, keywords: Any) -> bool:
+    """A term that keywords bring: None means "on when keywords are asked for"; else it must be a bool."""
+    if on is None:
+        return keywords is not None
+    if not isinstance(on, bool):
+        raise TypeError(f"{name} must be true or false, got {on!r}")
+    return on
 
 
 # chosen on CommonGen dev rows 200-229 (docs/fluency.md): with lam 60 a non-sentence costs 30 nats
