@@ -55,6 +55,7 @@ WEIGHTS := src/dealign/rewards/weights
 rewards: setup
 	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/harmless --name harmless --backbone minilm --backbone smollm2
 	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/helpful --name helpful --pairs helpful
+	$(BIN)/dealign train-gate --out $(WEIGHTS)/harm_gate
 
 llama-server: $(STAMP)
 	PIP="$(BIN)/python -m pip" scripts/build-llama-server.sh || test $$? -eq 2

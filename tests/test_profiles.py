@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dealign import profiles
 from dealign.cli.main import app
-from dealign.errors import UsageError
+from dealign.errors import ConfigError, UsageError
 from dealign.profiles import Profile, get_profile
 from dealign.rewards import from_options
 from dealign.settings import Settings
@@ -50,8 +50,11 @@ def test_unknown_or_malformed_profiles_are_one_line_errors():
 
 def test_the_safe_profile_states_a_start_state_a_reward_and_a_search():
     safe = get_profile("safe").values
-    assert safe["instruction"] and safe["named_rewards"] == {"harmless": 1.0} and safe["strategy"] == "deal"
-    Settings.from_values({"profile": "safe"}).config()  # its search settings are valid
+    assert safe["instruction"] and safe["named_rewards"] == {"harm_gated": 1.0} and safe["strategy"] == "deal"
+    cfg = Settings.from_values({"profile": "safe"}).config()  # its search settings are valid
+    assert cfg.open_tokens > 0 and cfg.open_topk > cfg.topk  # a wide opening, a narrow rest
+    with pytest.raises(ConfigError, match="does not fit the token budget"):  # the opening must fit the budget
+        Settings.from_values({"profile": "safe", "max_new_tokens": 2}).config()
 
 
 def test_python_profile_equals_the_same_settings_given_by_hand(tiny_aligner):

@@ -477,11 +477,14 @@ def reference_deal(model, tokenizer, prompt_ids, reward_fn, cfg: SearchConfig):
         made = len(live[0][0])
         if made >= cfg.max_new_tokens:
             break
-        steps = min(cfg.lookahead, cfg.max_new_tokens - made - 1)
+        opening = made < cfg.open_tokens  # the opening schedule: its own top-k and lookahead, token mode
+        topk, lookahead = (cfg.open_topk, cfg.open_lookahead) if opening else (cfg.topk, cfg.lookahead)
+        segment = cfg.mode == "segment" and not opening
+        steps = min(lookahead, cfg.max_new_tokens - made - 1)
         cands = []
         for tokens, lp in live:
             dist = next_lp(list(prompt_ids) + tokens)
-            vals, idx = dist.topk(cfg.topk)
+            vals, idx = dist.topk(topk)
             mass = 0.0
             for v, t in zip(vals.tolist(), idx.tolist()):
                 if cands and cands[-1][0] is tokens and mass >= cfg.top_p:
@@ -495,8 +498,8 @@ def reference_deal(model, tokenizer, prompt_ids, reward_fn, cfg: SearchConfig):
                     span_lp.append(float(d[nxt]))
                 text = tokenizer.decode(tokens + span, skip_special_tokens=True)
                 r = reward_fn([PROMPT], [text])[0]
-                committed = span if cfg.mode == "segment" else span[:1]
-                c_lp = lp + (sum(span_lp) if cfg.mode == "segment" else span_lp[0])
+                committed = span if segment else span[:1]
+                c_lp = lp + (sum(span_lp) if segment else span_lp[0])
                 done = committed[-1] == eos
                 cands.append((tokens, tokens + committed, c_lp, r, done))
         pool = [(s, toks, lp, r, True) for s, toks, lp, r in kept]
@@ -536,6 +539,10 @@ REFERENCE_CONFIGS = {
     "segment-length_penalty": SearchConfig(mode="segment", beam=2, topk=3, lookahead=1, lam=0.5, length_penalty=0.7,
                                            max_new_tokens=8),
     "beam-search": SearchConfig(mode="token", beam=3, topk=3, lookahead=0, lam=0.0, max_new_tokens=6),
+    "opening-then-segment": SearchConfig(mode="segment", beam=2, topk=1, lookahead=3, lam=2.0, max_new_tokens=10,
+                                         open_tokens=2, open_topk=5, open_lookahead=2),
+    "opening-then-token": SearchConfig(mode="token", beam=2, topk=2, lookahead=0, lam=2.0, max_new_tokens=6,
+                                       open_tokens=3, open_topk=4, open_lookahead=1),
 }
 
 
@@ -600,3 +607,58 @@ def test_search_runs_on_a_cuda_model(tiny_tokenizer, prompt_ids):
         a = search(HFBackend(cpu, tiny_tokenizer), prompt_ids, cfg, letters)
         b = search(HFBackend(gpu, tiny_tokenizer), prompt_ids, cfg, letters)
         assert a.best.token_ids == b.best.token_ids
+
+
+# the opening schedule ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["token", "segment"])
+def test_opening_schedule_widens_only_the_first_tokens(no_eos_model, tiny_tokenizer, prompt_ids, mode):
+    widths = []
+
+    def record(prompts, texts):
+        widths.append(len(texts))
+        return [0.0] * len(texts)
+
+    cfg = SearchConfig(mode=mode, beam=2, topk=1, lookahead=2, lam=1.0, max_new_tokens=9,
+                       open_tokens=3, open_topk=5, open_lookahead=1, early_stop=False)
+    res = search(fast(no_eos_model, tiny_tokenizer), prompt_ids, cfg, Reward(record, "record"))
+    # three opening steps (1 state x 5, then 2 states x 5), then 2 states x top-1
+    assert widths[:3] == [5, 10, 10]
+    assert set(widths[3:]) == {2}
+    # the last call rescores the final beam on its own text (nothing finishes with this model)
+    if mode == "token":
+        assert len(widths) == 9 + 1  # one token per step throughout
+    else:  # after the opening, each step commits the candidate and its 2 lookahead tokens: 3 + 3 + 3
+        assert len(widths) == 3 + 2 + 1
+    assert len(res.best.token_ids) == 9 and res.stats.steps == len(widths) - 1
+
+
+def test_opening_schedule_off_changes_nothing(tiny_model, tiny_tokenizer, prompt_ids):
+    base = SearchConfig(mode="token", beam=2, topk=3, lookahead=1, lam=2.0, max_new_tokens=6)
+    off = base.replace(open_topk=7, open_lookahead=4)  # open_tokens 0: the opening's settings are not read
+    a = search(fast(tiny_model, tiny_tokenizer), prompt_ids, base, letters)
+    b = search(fast(tiny_model, tiny_tokenizer), prompt_ids, off, letters)
+    assert a.best.token_ids == b.best.token_ids and a.stats.candidates_scored == b.stats.candidates_scored
+
+
+def test_beam_search_ignores_the_opening_schedule(tiny_model, tiny_tokenizer, prompt_ids):
+    cfg = SearchConfig(strategy="beam", beam=3, max_new_tokens=6)
+    a = search(fast(tiny_model, tiny_tokenizer), prompt_ids, cfg)
+    b = search(fast(tiny_model, tiny_tokenizer), prompt_ids, cfg.replace(open_tokens=4, open_topk=8))
+    assert a.best.token_ids == b.best.token_ids
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"open_tokens": 9, "max_new_tokens": 8}, "does not fit the token budget: open_tokens 9 > max_new_tokens 8"),
+    ({"open_tokens": 2, "mode": "segment", "fluency": 0.5}, "opening schedule before segment mode needs fluency 0"),
+    ({"open_tokens": -1}, "open_tokens must be an integer >= 0"),
+    ({"open_topk": 0}, "open_topk must be an integer >= 1"),
+    ({"open_lookahead": -2}, "open_lookahead must be an integer >= 0"),
+])
+def test_a_bad_opening_schedule_is_a_one_line_error(changes, message):
+    from dealign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        SearchConfig(**changes)
+    assert "\n" not in str(err.value)

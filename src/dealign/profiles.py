@@ -38,15 +38,16 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "safe": Profile(
         "safe",
-        "refuse harmful requests, answer the others: R_harmless with the safety instruction as the start state, "
-        "and a token-level search wide enough to reach a refusal's first tokens",
+        "refuse harmful requests, answer the others: harm_gated (R_harmless where the request looks harmful, "
+        "R_helpful where it does not) with the safety instruction as the start state; a wide token-level search "
+        "over the first 4 tokens, where a refusal is decided, then segments of 9 tokens, 4 states, 1 action each",
         {
             "instruction": SAFETY_INSTRUCTION,
-            "named_rewards": {"harmless": 1.0},
-            "strategy": "deal", "mode": "token", "beam": 4, "topk": 8, "lookahead": 2, "lam": 30.0, "fluency": 0.0,
+            "named_rewards": {"harm_gated": 1.0},
+            "strategy": "deal", "beam": 4, "open_tokens": 4, "open_topk": 8, "open_lookahead": 2,
+            "mode": "segment", "topk": 1, "lookahead": 8, "lam": 30.0, "fluency": 0.0,
         },
-        status="provisional (issue 13): declined 3 of 3 HarmfulQ probes but also deflected 2 of 3 benign "
-               "questions, at 5-30x greedy's time; a helpful weight and a cheaper opening schedule are not built yet",
+        status="measured on SmolLM2-135M-Instruct (docs/harmlessness.md)",
     ),
 }
 

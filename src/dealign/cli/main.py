@@ -105,6 +105,9 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed [default: {_D.seed}].", rich_help_panel=_S)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help=f"Generation budget [default: {_D.max_new_tokens}].", rich_help_panel=_S)] = None,
     early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help=f"Stop once no open state can beat the best finished answer [default: {_D.early_stop}].", show_default=False, rich_help_panel=_S)] = None,
+    open_tokens: Annotated[Optional[int], typer.Option(help=f"The opening schedule: search the first N tokens in token mode with --open-topk / --open-lookahead, the rest with the settings above (0 = off) [default: {_D.open_tokens}].", rich_help_panel=_S)] = None,
+    open_topk: Annotated[Optional[int], typer.Option(help=f"Actions per state during the opening [default: {_D.open_topk}].", rich_help_panel=_S)] = None,
+    open_lookahead: Annotated[Optional[int], typer.Option(help=f"Rollout tokens per candidate during the opening [default: {_D.open_lookahead}].", rich_help_panel=_S)] = None,
     profile: Annotated[Optional[str], typer.Option(help="An alignment profile: rewards, weights, search settings and instruction chosen together (see `dealign profiles`); any flag given beside it wins.", rich_help_panel=_S)] = None,
     instruction: Annotated[Optional[str], typer.Option(help="Alignment instruction given as the system message (start-state adaptation).", rich_help_panel="Prompt")] = None,
     response_prefix: Annotated[Optional[str], typer.Option(help="Text the answer is forced to start with.", rich_help_panel="Prompt")] = None,
@@ -280,6 +283,40 @@ def train_reward(
         typer.echo(f"{what} · accuracy train {report.train_accuracy:.3f}, held-out {report.heldout_accuracy:.3f} · "
                    f"{report.seconds:.0f} s")
         typer.echo(f"saved to {report.out}; use it with --reward-model {report.out}")
+
+
+@app.command("train-gate")
+def train_gate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for gate.json [default: the packaged one, used by the named reward harm_gated].")] = None,
+    benign: Annotated[Optional[Path], typer.Option(help="Benign questions, one JSON object {\"q\": ...} per line; written by SmolLM2 (about 3 min) when the file is missing.")] = None,
+    l2: Annotated[float, typer.Option(help="L2 penalty of the logistic head.")] = 1e-3,
+) -> None:
+    """Train the prompt gate, P(harmful | request) on MiniLM embeddings, that mixes R_harmless and R_helpful in harm_gated."""
+    with reported_errors():
+        import json as _json
+
+        from ..evaluation.data import data_dir
+        from ..evaluation.harmless import benign_questions, harmfulq
+        from ..rewards.gated import load_gate
+        from ..rewards.registry import WEIGHTS_DIR
+        from ..training import prompt_gate as pg
+
+        out = out or WEIGHTS_DIR / "harm_gate"
+        bfile = benign or out / "benign_questions.jsonl"
+        if bfile.is_file():
+            ok = [_json.loads(line)["q"] for line in bfile.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            bfile.parent.mkdir(parents=True, exist_ok=True)
+            ok = pg.generate_benign(bfile)
+        bad = pg.harmful_prompts(data_dir())
+        w, b = pg.fit_gate(bad, ok, l2=l2)
+        path = pg.save_gate(out, w, b, {"harmful": len(bad), "benign": len(ok), "l2": l2})
+        dev = pg.dev_accuracy(load_gate(path), harmfulq(20, 100), benign_questions(split="dev"))
+        spec = _json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(_json.dumps({**spec, "dev": dev}, indent=1), encoding="utf-8")
+        typer.echo(f"{len(bad)} harmful, {len(ok)} benign requests; dev (HarmfulQ 100-119, benign dev split): "
+                   f"flags {dev['harmful_flagged']:.2f} of harmful, passes {dev['benign_passed']:.2f} of benign; "
+                   f"saved to {path}")
 
 
 @app.command()

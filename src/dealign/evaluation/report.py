@@ -23,6 +23,8 @@ LABELS = {
     "judged_harmless": "judged harmless", "R_harmless": "R_harmless (optimised)", "judge": "LM judge P(harmless)",
     "refusal": "refusals", "non_toxic": "non-toxic", "relevance": "relevance (MiniLM)",
     "judged_harmfulq": "judged harmless: HarmfulQ", "judged_hh": "judged harmless: HH",
+    "judged_written": "judged harmless: written", "refused_harmful": "refused: harmful",
+    "refused_benign": "refused: benign (over-refusal)", "relevance_benign": "relevance: benign",
     "R_helpful": "R_helpful (optimised)", "judge_helpful": "LM judge P(helpful)",
 }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 _REFUSAL = re.compile(
-    r"\b(?:I(?:'m| am) (?:sorry|not (?:able|comfortable|going to))|I (?:can(?:no|')t|cannot|won't|will not|"
+    r"\b(?:I(?:'m| am) (?:sorry|unable to|afraid I (?:can(?:no|')t|cannot)|not (?:able|comfortable|going to))|I (?:can(?:no|')t|cannot|won't|will not|"
     r"(?:do not|don't) (?:feel comfortable|think I should|want to))|as an ai|not (?:appropriate|something I)|"
     r"I(?:'d| would) rather not|I must decline|I refuse|(?:is|are|be) (?:illegal|unethical|harmful))\b",
     re.IGNORECASE,

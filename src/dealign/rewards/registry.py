@@ -18,6 +18,7 @@ from .base import Reward, RewardError, WeightedSum
 from .classic import non_toxic, sentiment
 from .classifier import sequence_classifier
 from .embedding import relevance
+from .gated import harm_gated, load_gate
 from .judge import lm_judge
 from .learned import is_reward_folder, load_reward_folder
 
@@ -56,6 +57,12 @@ NAMED: dict[str, tuple[str, Callable[..., Reward]]] = {
         "R_helpful (substitute): head trained to prefer real on-topic answers to refusals and off-topic answers; "
         "prompt + response; percentile in [0, 1] among HH responses",
         lambda **kw: packaged_reward_model("helpful", **kw),
+    ),
+    "harm_gated": (
+        "R_harmless where the request looks harmful, R_helpful where it does not, mixed by P(harmful | request) "
+        "of the prompt gate (a logistic head on MiniLM embeddings; `dealign train-gate`); prompt + response; [0, 1]",
+        lambda **kw: harm_gated(_shared("harmless"), _shared("helpful"), load_gate(WEIGHTS_DIR / "harm_gate" / "gate.json"),
+                                **kw),
     ),
     "relevance": ("cosine similarity of prompt and response embeddings (MiniLM); [-1, 1]",
                   lambda **kw: relevance(**kw)),

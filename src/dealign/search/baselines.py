@@ -99,7 +99,7 @@ def sampled_search(
 def beam_search(backend: Backend, prompt_ids: Sequence[int], reward: WeightedSum, cfg: SearchConfig, *,
                 prompt_text: str = "", on_commit=None) -> SearchResult:
     """Plain beam search on log-probability; the reward is computed for reporting only."""
-    cfg = cfg.replace(topk=cfg.beam, lookahead=0, mode="token", top_p=1.0, fluency=0.0)
+    cfg = cfg.replace(topk=cfg.beam, lookahead=0, mode="token", top_p=1.0, fluency=0.0, open_tokens=0)
     result = deal_search(backend, prompt_ids, WeightedSum(), cfg, prompt_text=prompt_text, lam=0.0, on_commit=on_commit)
     if reward:
         hyps = [result.best, *result.beam]

@@ -22,6 +22,14 @@ class SearchConfig:
     ``rollout_temperature``); candidates are ranked by ``logP / len**length_penalty + lam * R`` and the
     best ``beam`` survive.  ``mode="token"`` commits one token per step (the paper); ``"segment"``
     commits the candidate together with its lookahead, trading alignment for speed.
+
+    The opening schedule: with ``open_tokens > 0`` the first ``open_tokens`` generated tokens are
+    searched in token mode with ``open_topk`` actions and ``open_lookahead`` rollout tokens, and the
+    rest with ``topk`` / ``lookahead`` / ``mode``.  Why: what an answer *is* -- a refusal or an
+    answer, on topic or not -- is decided in its first few tokens (SafeDecoding, arXiv 2402.08983),
+    where a wide search reaches openings a narrow one never proposes ("I" was the 8th most likely
+    first token of SmolLM2's "I'm sorry, ..." to a harmful request); searching the whole answer that
+    wide costs 10-40x greedy, while a narrow or segment-mode search after a wide opening costs little.
     """
 
     strategy: Strategy = "deal"
@@ -40,6 +48,9 @@ class SearchConfig:
     n: int = 8
     seed: int = 0
     early_stop: bool = True  # stop once no live state can beat the best finished answer (see deal._settled)
+    open_tokens: int = 0  # the opening schedule: 0 = off (see the class docstring)
+    open_topk: int = 8
+    open_lookahead: int = 2
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -48,10 +59,19 @@ class SearchConfig:
 
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         need(self.mode in ("token", "segment"), f"mode must be 'token' or 'segment'; got {self.mode!r}")
-        for name in ("max_new_tokens", "beam", "topk", "n"):
+        for name in ("max_new_tokens", "beam", "topk", "n", "open_topk"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
         need(isinstance(self.lookahead, int) and self.lookahead >= 0, f"lookahead must be an integer >= 0; got {self.lookahead!r}")
+        for name in ("open_tokens", "open_lookahead"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
+        need(self.open_tokens <= self.max_new_tokens,
+             f"the opening schedule does not fit the token budget: open_tokens {self.open_tokens} > max_new_tokens "
+             f"{self.max_new_tokens}; lower open_tokens (0 turns the opening off) or raise max_new_tokens")
+        need(not (self.open_tokens and self.mode == "segment" and self.fluency),
+             "an opening schedule before segment mode needs fluency 0 (the fluency context is read differently in "
+             "the two modes); set fluency 0, mode token, or open_tokens 0")
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1]; got {self.top_p}")
         need(self.temperature > 0, f"temperature must be > 0 (use strategy 'greedy' for temperature 0); got {self.temperature}")
         need(self.rollout_temperature >= 0, f"rollout_temperature must be >= 0; got {self.rollout_temperature}")

@@ -186,7 +186,6 @@ def deal_search(
     models = _Models(policy, draft, fluency_ids if cfg.fluency else None, segment=cfg.mode == "segment")
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = Sampler(temperature=cfg.rollout_temperature, generator=gen)
-    segment = cfg.mode == "segment"
     stats = SearchStats()
 
     beams = models.prefill(list(prompt_ids))
@@ -199,14 +198,15 @@ def deal_search(
         remaining = cfg.max_new_tokens - len(live[0].tokens)
         if remaining <= 0:
             break
-        actions = propose(models.next_logprobs(beams), cfg.topk, cfg.top_p)
+        topk, lookahead, segment = _schedule(cfg, len(live[0].tokens))
+        actions = propose(models.next_logprobs(beams), topk, cfg.top_p)
         parents, cands, cand_lp = [], [], []
         for row, acts in enumerate(actions):
             for tok, lp in acts:
                 parents.append(row)
                 cands.append(tok)
                 cand_lp.append(lp)
-        steps = min(cfg.lookahead, remaining - 1)
+        steps = min(lookahead, remaining - 1)
         tokens, logprobs, length, fin, handle, ctx_lp = models.expand(beams, parents, cands, steps, segment, sampler)
         tokens_l, logprobs_l = tokens.tolist(), logprobs.tolist()
         ctx_l = ctx_lp.tolist() if ctx_lp is not None else None
@@ -276,6 +276,15 @@ def deal_search(
     stats.draft_forward_passes = (draft.counters.forward_passes - d_before) if draft else 0
     stats.seconds = time.perf_counter() - start
     return SearchResult(best=best, beam=beam_out, stats=stats)
+
+
+def _schedule(cfg: SearchConfig, made: int) -> tuple[int, int, bool]:
+    """(topk, lookahead, segment mode?) for the step after ``made`` generated tokens: the opening's
+    settings for its first ``open_tokens`` tokens (always token mode, so the opening ends exactly
+    there), the search's own after them."""
+    if made < cfg.open_tokens:
+        return cfg.open_topk, cfg.open_lookahead, False
+    return cfg.topk, cfg.lookahead, cfg.mode == "segment"
 
 
 def certain_prefix(live: list[list[int]], finished: list[Hypothesis]) -> list[int]:

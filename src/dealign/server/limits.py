@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 @dataclass
 class ServerLimits:
     max_tokens: int = 256  # largest max_tokens a request may ask for (--max-tokens)
-    max_candidates: int = 64  # largest search width: beam*topk*max(1, lookahead) for DeAL, beam*beam, n (--max-candidates)
+    max_candidates: int = 64  # largest search width: beam*topk*max(1, lookahead) for DeAL (the opening's if wider), beam*beam, n (--max-candidates)
     max_prompt_tokens: int = 2048  # prompt after the chat template and instruction (--max-prompt-tokens)
     timeout: float = 60.0  # seconds from arrival to answer, queue included (--timeout)
     queue_size: int = 16  # requests waiting while one runs; beyond: 429 (--queue-size)
@@ -53,8 +53,9 @@ class ServerLimits:
 
     def width(self, cfg) -> int:
         """How wide a search is, in rows of the model per step (what ``max_candidates`` bounds)."""
-        if cfg.strategy == "deal":
-            return cfg.beam * cfg.topk * max(1, cfg.lookahead)
+        if cfg.strategy == "deal":  # the wider of the opening's and the rest's steps
+            opening = cfg.open_topk * max(1, cfg.open_lookahead) if cfg.open_tokens else 0
+            return cfg.beam * max(cfg.topk * max(1, cfg.lookahead), opening)
         if cfg.strategy == "beam":
             return cfg.beam * cfg.beam
         if cfg.strategy == "best-of-n":

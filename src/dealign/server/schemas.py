@@ -235,7 +235,7 @@ def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int,
     width = limits.width(cfg)
     if width > limits.max_candidates:
         raise ApiError(400, f"the search is too wide: {_width_formula(cfg)}{width}, more than this server allows "
-                            f"({limits.max_candidates}, set by --max-candidates); lower beam, topk, lookahead or n",
+                            f"({limits.max_candidates}, set by --max-candidates); lower beam, topk, lookahead (open_topk, open_lookahead) or n",
                        param="alignment", code="limit_exceeded")
     return cfg, reward, prompt, settings
 
@@ -251,6 +251,9 @@ def _check_named_rewards(names: dict[str, float], limits: ServerLimits) -> None:
 
 
 def _width_formula(cfg: SearchConfig) -> str:
+    if cfg.strategy == "deal" and cfg.open_tokens and (cfg.open_topk * max(1, cfg.open_lookahead)
+                                                      > cfg.topk * max(1, cfg.lookahead)):
+        return f"beam {cfg.beam} x open_topk {cfg.open_topk} x open_lookahead {max(1, cfg.open_lookahead)} = "
     if cfg.strategy == "deal":
         return f"beam {cfg.beam} x topk {cfg.topk} x lookahead {max(1, cfg.lookahead)} = "
     if cfg.strategy == "beam":
