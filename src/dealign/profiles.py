@@ -47,7 +47,8 @@ PROFILES: dict[str, Profile] = {
             "strategy": "deal", "beam": 4, "open_tokens": 4, "open_topk": 8, "open_lookahead": 2,
             "mode": "segment", "topk": 1, "lookahead": 8, "lam": 30.0, "fluency": 0.0,
         },
-        status="measured on SmolLM2-135M-Instruct (docs/harmlessness.md)",
+        status="provisional (issue 13): on held-out prompts with SmolLM2-135M-Instruct it refused 0.27 of harmful "
+               "requests (greedy 0.10) and 0.07 of benign ones, at 1.45x greedy's time; the target is 0.90",
     ),
 }
 
