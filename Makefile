@@ -56,6 +56,7 @@ rewards: setup
 	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/harmless --name harmless --backbone minilm --backbone smollm2
 	$(BIN)/dealign train-reward $(HH_HARMLESS) --out $(WEIGHTS)/helpful --name helpful --pairs helpful
 	$(BIN)/dealign train-gate --out $(WEIGHTS)/harm_gate
+	$(BIN)/dealign train-safety --out $(WEIGHTS)/safety
 
 llama-server: $(STAMP)
 	PIP="$(BIN)/python -m pip" scripts/build-llama-server.sh || test $$? -eq 2

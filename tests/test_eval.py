@@ -14,8 +14,8 @@ from dealign.settings import parse_strategy_settings
 from dealign.evaluation.tasks import LENGTH, TASKS
 
 
-def _run(task, tmp_path, tiny_model_dir, strategies, n=2, settings=None, **kw):
-    return run_eval(task, n=n, strategies=strategies, out=tmp_path, model=str(tiny_model_dir), max_new_tokens=6,
+def _run(task, tmp_path, tiny_model_dir, strategies, n=2, settings=None, max_new_tokens=6, **kw):
+    return run_eval(task, n=n, strategies=strategies, out=tmp_path, model=str(tiny_model_dir), max_new_tokens=max_new_tokens,
                     judge=str(tiny_model_dir), settings=parse_strategy_settings(settings), **kw)
 
 
@@ -139,6 +139,19 @@ def test_harmless_prompts_come_from_the_reward_heads_held_out_rows():
     assert heldout_prompts(3, 2) == prompts[2:5]
 
 
+def test_a_profile_row_is_searched_with_the_profiles_reward_not_the_tasks():
+    from dealign.profiles import get_profile
+    from dealign.settings import Settings
+
+    for task in ("harmless", "jailbreak"):
+        rows = TASKS[task].rows(2, ["safe"], 8)
+        assert all("named_rewards" not in r and r["profile"] == "safe" for r in rows)
+        built = Settings.from_values({}).merged(rows[0])
+        assert built.models["named_rewards"] == get_profile("safe").values["named_rewards"]
+        assert set(built.build_reward().names) == set(get_profile("safe").values["named_rewards"])
+    assert all(r["response_prefix"] for r in TASKS["jailbreak"].rows(2, ["safe"], 8))  # the attack stays
+
+
 def test_tradeoff_task_sweeps_weights_and_plots_the_curve(tmp_path, tiny_model_dir):
     table = _run("tradeoff", tmp_path, tiny_model_dir, ["greedy", "deal w=1/0", "deal w=.5/.5", "deal w=0/1"])
     assert [t["method"] for t in table] == ["greedy", "deal w=1/0", "deal w=.5/.5", "deal w=0/1"]
@@ -159,7 +172,8 @@ def test_jailbreak_task_prefills_the_answer_and_judges_what_the_user_sees(tmp_pa
     from dealign.evaluation.tasks import JAILBREAK, attack_prefix
     from dealign.rewards import named_reward
 
-    table = _run("jailbreak", tmp_path, tiny_model_dir, None)  # the task's default strategies
+    # the task's default strategies; 8 tokens: the safe profile's opening is 8 tokens long
+    table = _run("jailbreak", tmp_path, tiny_model_dir, None, max_new_tokens=8)
     assert [t["method"] for t in table] == list(JAILBREAK.default_strategies)
     assert all(0 <= t["judged_harmless"] <= 1 for t in table)
     rows = _metric_rows(tmp_path)

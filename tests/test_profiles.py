@@ -50,7 +50,7 @@ def test_unknown_or_malformed_profiles_are_one_line_errors():
 
 def test_the_safe_profile_states_a_start_state_a_reward_and_a_search():
     safe = get_profile("safe").values
-    assert safe["instruction"] and safe["named_rewards"] == {"harm_gated": 1.0} and safe["strategy"] == "deal"
+    assert safe["instruction"] and safe["named_rewards"] == {"safety": 1.0, "harm_gated": 0.5} and safe["strategy"] == "deal"
     cfg = Settings.from_values({"profile": "safe"}).config()  # its search settings are valid
     assert cfg.open_tokens > 0 and cfg.open_topk > cfg.topk  # a wide opening, a narrow rest
     with pytest.raises(ConfigError, match="does not fit the token budget"):  # the opening must fit the budget

@@ -38,17 +38,21 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "safe": Profile(
         "safe",
-        "refuse harmful requests, answer the others: harm_gated (R_harmless where the request looks harmful, "
-        "R_helpful where it does not) with the safety instruction as the start state; a wide token-level search "
-        "over the first 4 tokens, where a refusal is decided, then segments of 9 tokens, 4 states, 1 action each",
+        "refuse harmful requests, answer the others: R_safety (declining a harmful request over answering it, "
+        "answering a benign one over declining it) plus half of harm_gated (so a benign answer must also engage), "
+        "with the safety instruction as the start state; a wide "
+        "token-level search over the first 8 tokens, where a refusal is decided, then segments of 9 tokens, "
+        "4 states, 1 action each; log-probability per token, so a long refusal is not outscored by a short answer",
         {
             "instruction": SAFETY_INSTRUCTION,
-            "named_rewards": {"harm_gated": 1.0},
-            "strategy": "deal", "beam": 4, "open_tokens": 4, "open_topk": 8, "open_lookahead": 2,
-            "mode": "segment", "topk": 1, "lookahead": 8, "lam": 30.0, "fluency": 0.0,
+            "named_rewards": {"safety": 1.0, "harm_gated": 0.5},
+            "strategy": "deal", "beam": 4, "open_tokens": 8, "open_topk": 8, "open_lookahead": 2,
+            "mode": "segment", "topk": 1, "lookahead": 8, "lam": 30.0, "fluency": 0.0, "length_penalty": 1.0,
         },
-        status="provisional (issue 13): on held-out prompts with SmolLM2-135M-Instruct it refused 0.27 of harmful "
-               "requests (greedy 0.10) and 0.07 of benign ones, at 1.45x greedy's time; the target is 0.90",
+        status="provisional (issue 13): on held-out prompts with SmolLM2-135M-Instruct the refusal matcher finds 0.57 "
+               "of harmful requests refused (greedy 0.10; the rest mostly decline in other words) and 0.00 of benign "
+               "ones, though a third of benign answers do not answer; 0.27 under the continuation attack, at 3.0x "
+               "greedy's time; the target is 0.90",
     ),
 }
 

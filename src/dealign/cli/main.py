@@ -266,6 +266,7 @@ def train_reward(
     name: Annotated[Optional[str], typer.Option(help="Reward name shown in breakdowns [default: the folder name].")] = None,
     backbone: Annotated[Optional[List[str]], typer.Option(help="minilm (packaged all-MiniLM-L6-v2), a sentence-transformers folder, or a causal LM whose hidden states the head reads (smollm2, gemma3-270m, a folder). Repeat it to train one head per backbone and save their ensemble. [default: minilm]")] = None,
     weight: Annotated[Optional[List[float]], typer.Option(help="Ensemble weight of each --backbone, in order [default: equal].")] = None,
+    by_prompt: Annotated[bool, typer.Option("--by-prompt", help="Hold out whole prompts rather than single pairs (for data with several pairs per request).")] = False,
 ) -> None:
     """Train a pairwise (Bradley–Terry) reward head on a frozen backbone (or an ensemble of heads); print held-out accuracy."""
     with reported_errors():
@@ -273,7 +274,7 @@ def train_reward(
 
         _, report = train(data, out, pairs=pairs, holdout=holdout, seed=seed, epochs=epochs, hidden=hidden,
                           weight_decay=weight_decay, lr=lr, limit=limit, name=name,
-                          backbone=backbone or None, weights=weight or None)
+                          backbone=backbone or None, weights=weight or None, by_prompt=by_prompt)
         typer.echo(f"{report.pairs} pairs: {report.train_pairs} train, {report.heldout_pairs} held out")
         for m in report.members:
             typer.echo(f"  head on {m['backbone']} (weight {m['weight']:.2f}): loss {m['loss_first']:.4f} -> "
@@ -293,30 +294,64 @@ def train_gate(
 ) -> None:
     """Train the prompt gate, P(harmful | request) on MiniLM embeddings, that mixes R_harmless and R_helpful in harm_gated."""
     with reported_errors():
-        import json as _json
 
         from ..evaluation.data import data_dir
         from ..evaluation.harmless import benign_questions, harmfulq
-        from ..rewards.gated import load_gate
+        from ..rewards.gated import gate_of
         from ..rewards.registry import WEIGHTS_DIR
         from ..training import prompt_gate as pg
 
         out = out or WEIGHTS_DIR / "harm_gate"
         bfile = benign or out / "benign_questions.jsonl"
         if bfile.is_file():
-            ok = [_json.loads(line)["q"] for line in bfile.read_text(encoding="utf-8").splitlines() if line.strip()]
+            ok = pg.read_questions(bfile)
         else:
             bfile.parent.mkdir(parents=True, exist_ok=True)
             ok = pg.generate_benign(bfile)
         bad = pg.harmful_prompts(data_dir())
         w, b = pg.fit_gate(bad, ok, l2=l2)
-        path = pg.save_gate(out, w, b, {"harmful": len(bad), "benign": len(ok), "l2": l2})
-        dev = pg.dev_accuracy(load_gate(path), harmfulq(20, 100), benign_questions(split="dev"))
-        spec = _json.loads(path.read_text(encoding="utf-8"))
-        path.write_text(_json.dumps({**spec, "dev": dev}, indent=1), encoding="utf-8")
+        dev = pg.dev_accuracy(gate_of(w, b), harmfulq(20, 100), benign_questions(split="dev"))
+        path = pg.save_gate(out, w, b, {"harmful": len(bad), "benign": len(ok), "l2": l2, "dev": dev})
         typer.echo(f"{len(bad)} harmful, {len(ok)} benign requests; dev (HarmfulQ 100-119, benign dev split): "
                    f"flags {dev['harmful_flagged']:.2f} of harmful, passes {dev['benign_passed']:.2f} of benign; "
                    f"saved to {path}")
+
+
+@app.command("train-safety")
+def train_safety(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reward [default: the packaged one, the named reward safety].")] = None,
+    pairs: Annotated[Optional[Path], typer.Option(help="Response pairs (.jsonl.gz, rows {prompt, chosen, rejected}); written by SmolLM2 (about 10 min) when the file is missing [default: OUT/pairs.jsonl.gz].")] = None,
+) -> None:
+    """Train R_safety: declining harmful requests over answering them, answering benign ones over declining them."""
+    with reported_errors():
+        import random as _random
+        import tempfile
+
+        from ..evaluation.data import data_dir
+        from ..profiles import SAFETY_INSTRUCTION
+        from ..rewards.registry import WEIGHTS_DIR
+        from ..training import prompt_gate as pg
+        from ..training import safety_pairs as sp
+        from ..training import train_reward as train
+
+        out = out or WEIGHTS_DIR / "safety"
+        pfile = pairs or out / "pairs.jsonl.gz"
+        if pfile.is_file():
+            rows = sp.read_rows(pfile)
+        else:
+            rng = _random.Random(0)
+            harmful = sp.harmful_sample(pg.harmful_prompts(data_dir()), rng)
+            benign = pg.read_questions(WEIGHTS_DIR / "harm_gate" / "benign_questions.jsonl")
+            rows = sp.generate_rows(harmful, benign, SAFETY_INSTRUCTION, rng)
+            pfile.parent.mkdir(parents=True, exist_ok=True)
+            sp.write_rows(pfile, rows)
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "safety_pairs.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in sp.with_openings(rows)), encoding="utf-8")
+            _, report = train(data, out, name="safety", by_prompt=True, progress=False)
+        typer.echo(f"{len(rows)} requests, {report.train_pairs + report.heldout_pairs} pairs (whole and cut to their "
+                   f"openings); held-out requests: accuracy {report.heldout_accuracy:.3f} (train {report.train_accuracy:.3f}); "
+                   f"saved to {report.out}")
 
 
 @app.command()

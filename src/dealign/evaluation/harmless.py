@@ -19,7 +19,7 @@ from ..rewards import named_reward, non_toxic
 from ..rewards.learned import load_reward_folder
 from ..rewards.refusal import is_refusal
 from ..rewards.registry import WEIGHTS_DIR
-from ..training.data import load_pairs, split_pairs
+from ..training.data import trained_split
 from .data import _require, data_dir
 
 
@@ -27,8 +27,8 @@ def reward_split(folder: str | Path | None = None):
     """(training, held-out) pairs of a trained reward folder (default: the packaged R_harmless), re-split
     exactly as in training (same file, share and seed)."""
     split = load_reward_folder(folder or WEIGHTS_DIR / "harmless").config["split"]
-    path = _require(data_dir() / "hh-rlhf" / split["data"])
-    return split_pairs(load_pairs(path, limit=split.get("limit")), split["holdout"], split["seed"])
+    _require(data_dir() / "hh-rlhf" / split["data"])
+    return trained_split(split, data_dir())
 
 
 def heldout_pairs(folder: str | Path | None = None):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..extras import require
-from ..profiles import SAFETY_INSTRUCTION
+from ..profiles import SAFETY_INSTRUCTION, get_profile
 from ..rewards import count_words, keyword_coverage
 from .data import commongen
 from .sentence import judge_sentence
@@ -89,8 +89,12 @@ class Task:
         for label in strategies:
             chosen = {**known[label], **extra.get(label, {})}
             with_instruction = chosen.pop("_instruction", False)
+            # a profile brings its own reward and settings: the item's fields it sets are left to it
+            # (a JSON null would not do: on a batch line it resets the profile's field too)
+            own = get_profile(chosen["profile"]).values if chosen.get("profile") else {}
             for it in items:
-                row = {"id": it.id, "task": self.name, "method": label, "prompt": it.prompt, **it.fields,
+                fields = {k: v for k, v in it.fields.items() if k not in own}
+                row = {"id": it.id, "task": self.name, "method": label, "prompt": it.prompt, **fields,
                        "max_new_tokens": max_new_tokens, "seed": seed, **chosen, "meta": it.meta}
                 if with_instruction:
                     row["instruction"] = self.instruction
@@ -199,13 +203,22 @@ HARM_OVERRIDES = {
     "deal": HARM_DEAL,
     "deal-segment": HARM_DEAL,
     "prompt+deal": {**HARM_DEAL, "mode": "segment"},
-    # the profile's own search, reward and instruction (None: the row's R_harmless is not added to its reward)
-    "safe": {"strategy": "deal", "profile": "safe", "named_rewards": None},
+    # the profile's own search, reward and instruction (the rows' R_harmless is left out: see Task.rows)
+    "safe": {"strategy": "deal", "profile": "safe"},
 }
 
 
 HARM_FIELDS = {"named_rewards": {"harmless": 1.0}}
 HARM_SOURCES = ("harmfulq", "hh", "written")
+
+
+def _in_turn(readers: dict, n: int, offset: int) -> list[tuple[str, str, str]]:
+    """``n`` (id, source, request) taken from each source in turn, so any n has them in equal share;
+    ``readers[src](count, start)`` reads a source's requests."""
+    per, start = -(-n // len(readers)), offset // len(readers)
+    pools = {src: read(per, start) for src, read in readers.items()}
+    out = [(f"{src}-{start + i}", src, pool[i]) for i in range(per) for src, pool in pools.items() if i < len(pool)]
+    return out[:n]
 
 
 def _harm_items(n: int, offset: int) -> list[Item]:
@@ -216,13 +229,9 @@ def _harm_items(n: int, offset: int) -> list[Item]:
     which rows are harmful."""
     from .harmless import benign_questions, harmfulq, heldout_prompts, written_harmful
 
-    per, start = -(-n // len(HARM_SOURCES)), offset // len(HARM_SOURCES)
-    pools = {"harmfulq": harmfulq(per, start), "hh": heldout_prompts(per, start), "written": written_harmful(per, start)}
-    items: list[Item] = []
-    for i in range(per):
-        for src in HARM_SOURCES:
-            if i < len(pools[src]) and len(items) < n:
-                items.append(Item(f"{src}-{start + i}", pools[src][i], HARM_FIELDS, {"source": src, "harmful": True}))
+    readers = {"harmfulq": harmfulq, "hh": heldout_prompts, "written": written_harmful}
+    items = [Item(key, q, HARM_FIELDS, {"source": src, "harmful": True})
+             for key, src, q in _in_turn(readers, n, offset)]
     b_start = offset // 2
     for i, q in enumerate(benign_questions(-(-n // 2), b_start)):
         items.append(Item(f"benign-{b_start + i}", q, HARM_FIELDS, {"source": "benign", "harmful": False}))
@@ -336,16 +345,8 @@ def _jailbreak_items(n: int, offset: int) -> list[Item]:
     compliant opening pre-filled."""
     from .harmless import harmfulq, written_harmful
 
-    per, start = -(-n // 2), offset // 2
-    pools = {"harmfulq": harmfulq(per, start), "written": written_harmful(per, start)}
-    items: list[Item] = []
-    for i in range(per):
-        for src, pool in pools.items():
-            if i < len(pool) and len(items) < n:
-                q = pool[i]
-                items.append(Item(f"{src}-{start + i}", q, {**HARM_FIELDS, "response_prefix": attack_prefix(q)},
-                                  {"source": src, "harmful": True}))
-    return items
+    return [Item(key, q, {**HARM_FIELDS, "response_prefix": attack_prefix(q)}, {"source": src, "harmful": True})
+            for key, src, q in _in_turn({"harmfulq": harmfulq, "written": written_harmful}, n, offset)]
 
 
 JAILBREAK = Task(

@@ -32,9 +32,14 @@ def load_gate(path: str | Path) -> Callable[[Sequence[str]], list[float]]:
         weights, bias = spec["weights"], float(spec["bias"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RewardError(f"cannot read the prompt gate at {path} ({exc}); train it again with `dealign train-gate`") from None
+    return gate_of(weights, bias)
+
+
+def gate_of(weights: Sequence[float], bias: float) -> Callable[[Sequence[str]], list[float]]:
+    """The gate of a logistic head over MiniLM's normalised embedding: requests -> P(harmful), memoised."""
     import torch
 
-    w = torch.tensor(weights, dtype=torch.float32)
+    w = torch.as_tensor(weights, dtype=torch.float32)
     enc = embedder()
     memo: dict[str, float] = {}
 

@@ -64,6 +64,12 @@ NAMED: dict[str, tuple[str, Callable[..., Reward]]] = {
         lambda **kw: harm_gated(_shared("harmless"), _shared("helpful"), load_gate(WEIGHTS_DIR / "harm_gate" / "gate.json"),
                                 **kw),
     ),
+    "safety": (
+        "R_safety: declining a harmful request over answering it, answering a benign one over declining it; MiniLM "
+        "head trained on SmolLM2's own refusals and answers, whole and cut to their first words (`dealign "
+        "train-safety`); prompt + response; percentile in [0, 1] among its training responses",
+        lambda **kw: packaged_reward_model("safety", **kw),
+    ),
     "relevance": ("cosine similarity of prompt and response embeddings (MiniLM); [-1, 1]",
                   lambda **kw: relevance(**kw)),
     "non_toxic": ("1 - P(offensive) from alt-profanity-check; response; [0, 1]",

@@ -93,16 +93,38 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
     return pairs
 
 
-def split_pairs(pairs: Sequence[Pair], holdout: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out): a fixed-seed shuffle, the last ``holdout`` share held out (at least one pair each)."""
+def split_pairs(pairs: Sequence[Pair], holdout: float, seed: int = 0, by_prompt: bool = False) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out): a fixed-seed shuffle, the last ``holdout`` share held out (at least one pair each).
+
+    ``by_prompt``: shuffle the distinct prompts instead, so every pair of a prompt falls on one side
+    (data with several pairs per request -- e.g. one pair cut to several lengths -- would otherwise
+    put near-copies of held-out pairs in training)."""
     if not 0.0 < holdout < 1.0:
         raise DataError(f"holdout must be a share between 0 and 1 (e.g. 0.2), got {holdout}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_hold = min(max(1, round(holdout * len(pairs))), len(pairs) - 1)
-    train = [pairs[i] for i in order[: len(pairs) - n_hold]]
-    held = [pairs[i] for i in order[len(pairs) - n_hold :]]
+    groups: list[list[int]] = []
+    if by_prompt:
+        where: dict[str, int] = {}
+        for i, p in enumerate(pairs):
+            if p.prompt not in where:
+                where[p.prompt] = len(groups)
+                groups.append([])
+            groups[where[p.prompt]].append(i)
+    else:
+        groups = [[i] for i in range(len(pairs))]
+    if len(groups) < 2:
+        raise DataError(f"cannot hold out part of {len(groups)} prompt(s); give pairs for at least two prompts")
+    random.Random(seed).shuffle(groups)
+    n_hold = min(max(1, round(holdout * len(groups))), len(groups) - 1)
+    train = [pairs[i] for g in groups[: len(groups) - n_hold] for i in g]
+    held = [pairs[i] for g in groups[len(groups) - n_hold :] for i in g]
     return train, held
+
+
+def trained_split(split: dict, data: Path) -> tuple[list[Pair], list[Pair]]:
+    """(training, held-out) pairs re-split exactly as a reward was trained: ``split`` is the "split" of its
+    config (file under ``data/hh-rlhf``, share, seed, limit, by_prompt)."""
+    pairs = load_pairs(Path(data) / "hh-rlhf" / split["data"], limit=split.get("limit"))
+    return split_pairs(pairs, split["holdout"], split["seed"], by_prompt=split.get("by_prompt", False))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,6 +75,11 @@ def generate_benign(out: Path, *, seed: int = 0, batch: int = 16) -> list[str]:
     return questions
 
 
+def read_questions(path: Path) -> list[str]:
+    """The questions of a file ``generate_benign`` wrote (one JSON object {"q": ...} per line)."""
+    return [json.loads(line)["q"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def clean_questions(texts: Sequence[str]) -> list[str]:
     """One question per generation: a quoted question if there is one, else the first sentence ending in
     '?'; generations without a question are dropped, repeats kept once."""
@@ -93,11 +98,9 @@ def harmful_prompts(data: Path) -> list[str]:
     """Red-team first turns of R_harmless's training split (re-split as it was trained) and HarmfulQ 50-99."""
     from ..rewards.learned import load_reward_folder
     from ..rewards.registry import WEIGHTS_DIR
-    from .data import load_pairs, split_pairs
+    from .data import trained_split
 
-    split = load_reward_folder(WEIGHTS_DIR / "harmless").config["split"]
-    pairs = load_pairs(data / "hh-rlhf" / split["data"], limit=split.get("limit"))
-    train, _ = split_pairs(pairs, split["holdout"], split["seed"])
+    train, _ = trained_split(load_reward_folder(WEIGHTS_DIR / "harmless").config["split"], data)
     hh = list(dict.fromkeys(p.opening for p in train if p.opening))
     hq = json.loads((data / "harmfulq" / "harmfulq.json").read_text(encoding="utf-8"))[50:100]
     return hh + [str(q) for q in hq]

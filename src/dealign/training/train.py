@@ -235,6 +235,7 @@ def train_reward(
     backbone: str | Sequence[str] | None = None,
     weights: Sequence[float] | None = None,
     limit: int | None = None,
+    by_prompt: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> tuple[EmbeddingRewardModel | EnsembleRewardModel, TrainReport]:
@@ -246,7 +247,8 @@ def train_reward(
     all-MiniLM-L6-v2), a sentence-transformers folder, or a causal LM (``"smollm2"``, ``"gemma3-270m"``, a
     folder) whose hidden states the head reads; several backbones train one head each and save their
     ensemble (standardised scores averaged with ``weights``, equal by default).  ``hidden`` /
-    ``weight_decay`` default per backbone kind (:data:`HEAD_DEFAULTS`).  Returns the model and a
+    ``weight_decay`` default per backbone kind (:data:`HEAD_DEFAULTS`).  ``by_prompt``: hold out whole
+    prompts, not single pairs (see :func:`~dealign.training.data.split_pairs`).  Returns the model and a
     :class:`TrainReport`.
     """
     specs = [backbone] if backbone is None or isinstance(backbone, str) else list(backbone)
@@ -267,7 +269,7 @@ def train_reward(
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     start = time.perf_counter()
     raw = load_pairs(data, limit=limit)
-    train, held = split_pairs(raw, holdout, seed)
+    train, held = split_pairs(raw, holdout, seed, by_prompt=by_prompt)
     reference = train  # calibration: percentiles among the real training responses
     if pairs == "helpful":
         train, held = helpful_pairs(train, seed), helpful_pairs(held, seed + 1)
@@ -278,7 +280,8 @@ def train_reward(
     random.Random(seed + 7).shuffle(order)
     parts = {"fit": [train[i] for i in order[inner:]], "val": [train[i] for i in order[:inner]],
              "held": held, "reference": reference}
-    split = {"data": Path(str(data)).name, "holdout": holdout, "seed": seed, "pairs": pairs, "limit": limit}
+    split = {"data": Path(str(data)).name, "holdout": holdout, "seed": seed, "pairs": pairs, "limit": limit,
+             "by_prompt": by_prompt}
     base_name = name or ("helpful" if pairs == "helpful" else Path(str(out or "reward")).name)
 
     about = {"scores": "prompt (last user turn) + response", "split": split}
