@@ -85,7 +85,7 @@ def test_train_safety_trains_from_a_pairs_file_and_reports_held_out_requests(tmp
         chosen, rejected = (no, yes) if harmful else (yes, no)
         rows.append({"prompt": q, "chosen": chosen + f" ({rng.random():.3f})", "rejected": rejected, "kind": "h" if harmful else "b"})
     write_rows(tmp_path / "pairs.jsonl.gz", rows)
-    res = CliRunner().invoke(app, ["train-safety", "--out", str(tmp_path / "safety")])
+    res = CliRunner().invoke(app, ["train-safety", "--out", str(tmp_path / "safety"), "--pairs", str(tmp_path / "pairs.jsonl.gz")])
     assert res.exit_code == 0, res.output
     assert "24 requests" in res.output and "held-out requests: accuracy" in res.output
     config = json.loads((tmp_path / "safety" / "dealign_reward.json").read_text())

@@ -132,7 +132,8 @@ def test_training_lowers_the_loss_and_saves_a_loadable_reward(tmp_path, tiny_bac
     s_good, s_bad = reward([p, p], [good, bad])
     assert 0 <= s_bad < s_good <= 1  # calibrated to percentiles of the training responses
     cfg = json.loads((tmp_path / "rm" / "dealign_reward.json").read_text())
-    assert cfg["split"] == {"data": "pairs.jsonl", "holdout": 0.2, "seed": 0, "pairs": "preference", "limit": None}
+    assert cfg["split"] == {"data": "pairs.jsonl", "holdout": 0.2, "seed": 0, "pairs": "preference", "limit": None,
+                            "by_prompt": False}
     assert (tmp_path / "rm" / "head.safetensors").stat().st_size < 100_000
 
 
