@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dealign.cli.main import app as cli_app
@@ -348,7 +349,8 @@ class GatedAligner:
 @pytest.fixture
 def gated(tiny_aligner):
     aligner = GatedAligner(tiny_aligner)
-    srv = LoopbackServer(create_app(aligner, ServerLimits(max_tokens=24, timeout=1.5, queue_size=1), model_name=MODEL))
+    srv = LoopbackServer(create_app(aligner, ServerLimits(max_tokens=24, timeout=1.5, queue_size=1, max_batch=1),
+                                    model_name=MODEL))
     yield srv, aligner
     aligner.gate.set()
     srv.stop()
@@ -498,5 +500,46 @@ def test_smollm2_aligned_chat_with_keyword_and_harmlessness_objectives():
         pieces, _ = stream_text(list(srv.client().chat.completions.create(
             model="smollm2", messages=messages, max_tokens=32, stream=True, extra_body={"alignment": align})), chat=True)
         assert "".join(pieces) == resp.choices[0].message.content
+    finally:
+        srv.stop()
+
+
+class SlowModel(torch.nn.Module):
+    """The tiny model, ``delay`` seconds slower per forward pass: searches long enough to overlap."""
+
+    def __init__(self, inner, delay: float) -> None:
+        super().__init__()
+        self.inner, self.config, self.generation_config, self.delay = inner, inner.config, inner.generation_config, delay
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+
+def test_concurrent_requests_share_the_search_steps(tiny_model, tiny_tokenizer):
+    """Two requests that arrive together search in one batch: steps hold both (health counts them),
+    each gets the answer it gets alone, and a third request after them is alone again."""
+    from dealign import Aligner
+    from dealign.backends.hf import HFBackend
+
+    aligner = Aligner(HFBackend(SlowModel(tiny_model, 0.01), tiny_tokenizer, name=MODEL), tiny_tokenizer)
+    body = {"model": MODEL, "max_tokens": 8, "alignment": {"strategy": "deal", "beam": 2, "topk": 3}}
+    prompts = ["the dog", "a man throws the ball to his"]
+    alone = [aligner.generate(p, strategy="deal", beam=2, topk=3, max_new_tokens=8).text for p in prompts]
+    srv = LoopbackServer(create_app(aligner, ServerLimits(max_tokens=24, max_batch=4), model_name=MODEL))
+    try:
+        results: list = []
+        threads = [threading.Thread(target=lambda p=p: results.append((p, httpx.post(
+            srv.url + "/v1/completions", json={**body, "prompt": p}, timeout=60)))) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        health = httpx.get(srv.url + "/health").json()
+        assert health["max_batch"] == 4 and health["shared_steps"] > 0
+        got = {p: r.json()["choices"][0]["text"] for p, r in results}
+        assert [r.status_code for _, r in results] == [200, 200]
+        assert [got[p] for p in prompts] == alone
+        assert httpx.post(srv.url + "/v1/completions", json={**body, "prompt": prompts[0]}).json()["choices"][0]["text"] == alone[0]
     finally:
         srv.stop()

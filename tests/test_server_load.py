@@ -31,9 +31,9 @@ def test_load_every_request_answered_or_refused_and_memory_flat(tiny_server):
 
 
 def test_overload_is_refused_cleanly(tiny_model_dir, tmp_path):
-    """A queue of 1 behind 8 concurrent clients: many get 429, none fails; the script's exit code says so."""
+    """A batch of 2 and a queue of 1 behind 8 concurrent clients: many get 429, none fails; the exit code says so."""
     out = tmp_path / "report.json"
-    code = main(["--model", str(tiny_model_dir), "--server-args", "--threads 1 --queue-size 1 --max-tokens 16",
+    code = main(["--model", str(tiny_model_dir), "--server-args", "--threads 1 --max-batch 2 --queue-size 1 --max-tokens 16",
                  "--requests", "40", "--concurrency", "8", "--time-cap", "120", "--max-tokens", "8",
                  "--warmup", "2", "--json", str(out)])
     import json

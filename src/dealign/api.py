@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .backends.base import Backend
 from .backends.hf import HFBackend
+from .backends.lockstep import Lockstep
 from .errors import ModelLoadError, UsageError
 from .models.loading import load
 from .rewards.base import as_reward
@@ -207,6 +209,47 @@ class Aligner:
         for key in after.keys() - out.stats.keys():  # a remote engine's requests and round trips
             out.stats[key] = after[key] - before[key]
         return out
+
+
+    # many prompts --------------------------------------------------------------------------------
+    def generate_batch(self, prompts: Sequence[str | Messages], *, batch_size: int = 8, **kwargs: Any) -> list[GenerationResult]:
+        """``generate`` for every prompt (same keyword arguments), up to ``batch_size`` searches at a
+        time in lock-step: each step is one forward pass per lookahead token over the rows of every
+        search, and a finished prompt's place goes to the next one.  Each answer is the one
+        ``generate`` gives alone (same settings, seed and reward; up to float near-ties).  Raises the
+        first prompt's error, in input order."""
+        out = []
+        for result, error in self.map_batched(lambda al, p: al.generate(p, **kwargs), prompts, batch_size=batch_size):
+            if error is not None:
+                raise error
+            out.append(result)
+        return out
+
+    def map_batched(self, fn: Callable[["Aligner", Any], Any], items: Iterable[Any], *,
+                    batch_size: int = 8) -> Iterator[tuple[Any, BaseException | None]]:
+        """``(fn(aligner, item), None)`` or ``(None, error)`` for every item, in input order, each
+        yielded as soon as it and all before it are done; up to ``batch_size`` calls run at a time,
+        their searches batched step by step (``backends/lockstep.py``).  ``fn`` gets an aligner of
+        its own sharing this one's model.  With ``batch_size`` 1 the items run one at a time here."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch size must be an integer >= 1; got {batch_size!r}")
+        if batch_size == 1:
+            for item in items:
+                try:
+                    yield fn(self, item), None
+                except Exception as exc:  # noqa: BLE001 - handed back in order, as below
+                    yield None, exc
+            return
+        lock = Lockstep(batch_size)
+        yield from lock.map((lambda item=item: fn(self.lane(lock), item)) for item in items)
+
+    def lane(self, lock: Lockstep) -> "Aligner":
+        """An aligner of its own for one search of ``lock``'s batch: same model, tokenizer and
+        defaults, its forward passes joining the batch's (its counters are its own)."""
+        al = copy.copy(self)
+        al.backend = lock.view(self.backend)
+        al.draft = lock.view(self.draft) if self.draft is not None else None
+        return al
 
 
 # An engine's round trips dominate a remote search: segment mode sends one request per candidate per

@@ -57,6 +57,27 @@ class Rollout:
 
 
 @dataclass
+class RolloutCall:
+    """One ``Backend.rollout`` call, as data: what a lock-step group (``rollout_group``) runs together."""
+
+    beam: Beam
+    parents: list[int]
+    forced: torch.Tensor
+    steps: int
+    sampler: "Sampler | None" = None
+    feed_last: bool = False
+    follow: Sequence[int] | None = None
+
+
+@dataclass
+class Prefill:
+    """One ``prefill`` (``many`` False, one prompt) or ``prefill_many`` call, as data."""
+
+    prompts: list[list[int]]
+    many: bool = False
+
+
+@dataclass
 class Sampler:
     """How rollouts choose tokens: greedy (temperature 0) or sampling with temperature / top-p."""
 
@@ -157,6 +178,17 @@ class Backend(ABC):
     def commit(self, rollout: Rollout, rows: Sequence[int], keep: int) -> Beam:
         """The beam made of ``rows`` of ``rollout`` (repeats allowed), each having consumed its first
         ``keep`` tokens (1 <= keep <= rollout.n_fed), so all rows of a beam have the same length."""
+
+    def rollout_group(self, calls: Sequence[RolloutCall]) -> list[Rollout]:
+        """The rollouts of several beams (several searches), each as ``rollout`` would return it.
+        This default runs them one after another; a backend that can stack rows of different
+        beams in one forward (``HFBackend``) runs them together, which is what batching buys."""
+        return [self.rollout(c.beam, c.parents, c.forced, c.steps, sampler=c.sampler, feed_last=c.feed_last,
+                             follow=c.follow) for c in calls]
+
+    def prefill_group(self, calls: Sequence[Prefill]) -> list[Beam]:
+        """The prefills of several searches, each as ``prefill`` / ``prefill_many`` would return it."""
+        return [self.prefill_many(c.prompts) if c.many else self.prefill(c.prompts[0]) for c in calls]
 
     def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
         """The next-token log-distributions ``commit(rollout, rows, keep)`` would hold, without

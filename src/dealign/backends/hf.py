@@ -15,7 +15,9 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from .base import Backend, Beam, Counters, Rollout, Sampler, eos_ids_of
+from transformers.cache_utils import DynamicLayer
+
+from .base import Backend, Beam, Counters, Prefill, Rollout, RolloutCall, Sampler, eos_ids_of
 
 
 def fork_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
@@ -35,8 +37,55 @@ class _Cache:
     pads: torch.Tensor | None = None  # [rows], long
 
     def select(self, index: torch.Tensor) -> "_Cache":
-        pads = self.pads[index.cpu()] if self.pads is not None else None
-        return _Cache(fork_cache(self.kv, index), pads if pads is not None and bool(pads.any()) else None)
+        """The rows ``index`` (repeats allowed) as a new cache; columns that every chosen row pads are
+        dropped, so a row that leaves a batch of longer prompts is back on the plain path."""
+        if self.pads is None:
+            return _Cache(fork_cache(self.kv, index))
+        pads = self.pads[index.cpu()]
+        kv = fork_cache(self.kv, index)
+        cut = int(pads.min())
+        if cut and _mergeable(kv):
+            for layer in kv.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+            pads = pads - cut
+        return _Cache(kv, pads if bool(pads.any()) else None)
+
+    @property
+    def rows(self) -> int:
+        return self.kv.layers[0].keys.shape[0]
+
+
+def _mergeable(kv: DynamicCache) -> bool:
+    """Whether the cache's rows can be padded and stacked with another's: plain growing layers only
+    (a sliding-window or quantised layer keeps state that padding would shift)."""
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in kv.layers)
+
+
+def merge_caches(caches: Sequence[_Cache], index: Sequence[torch.Tensor]) -> _Cache:
+    """One cache holding rows ``index[i]`` of ``caches[i]``, in order: each narrower one left-padded
+    with masked columns to the widest, its pads raised by as many, so every row still attends to
+    (and is positioned by) exactly its own tokens.  Each row is copied once, into place."""
+    widths = [c.kv.get_seq_length() for c in caches]
+    width = max(widths)
+    rows = [len(i) for i in index]
+    kv = copy.copy(caches[0].kv)
+    kv.layers = [copy.copy(layer) for layer in caches[0].kv.layers]
+    for n, layer in enumerate(kv.layers):
+        for name in ("keys", "values"):
+            like = getattr(caches[0].kv.layers[n], name)
+            out = like.new_zeros((sum(rows), like.shape[1], width, like.shape[3]))
+            lo = 0
+            for c, idx, w, r in zip(caches, index, widths, rows):
+                src = getattr(c.kv.layers[n], name)
+                if w == width:
+                    torch.index_select(src, 0, idx, out=out[lo:lo + r])
+                else:
+                    out[lo:lo + r, :, width - w:] = src.index_select(0, idx)
+                lo += r
+            setattr(layer, name, out)
+    pads = torch.cat([(c.pads[idx.cpu()] if c.pads is not None else torch.zeros(len(idx), dtype=torch.long)) + (width - w)
+                      for c, idx, w in zip(caches, index, widths)])
+    return _Cache(kv, pads if bool(pads.any()) else None)
 
 
 @dataclass
@@ -44,6 +93,19 @@ class _RolloutState:
     cache: _Cache
     base_ids: list[list[int]]
     position_logprobs: list[torch.Tensor]  # [rows, vocab] after each fed token
+    offset: int = 0  # where this rollout's rows start in ``cache`` (a rollout of a group shares it)
+
+
+@dataclass
+class _Picker:
+    """Who chooses the generated tokens of rows ``lo:hi`` (``llo:lhi`` among the rows that choose
+    their own, see ``_leaders``): one search's sampler, so each keeps its own random stream."""
+
+    sampler: Sampler
+    lo: int
+    hi: int
+    llo: int
+    lhi: int
 
 
 class HFBackend(Backend):
@@ -120,13 +182,51 @@ class HFBackend(Backend):
         feed_last: bool = False,
         follow: Sequence[int] | None = None,
     ) -> Rollout:
-        sampler = sampler or Sampler()
-        index = torch.as_tensor(list(parents), dtype=torch.long)
+        return self.rollout_group([RolloutCall(beam, list(parents), forced, steps, sampler, feed_last, follow)])[0]
+
+    @torch.inference_mode()
+    def rollout_group(self, calls: Sequence[RolloutCall]) -> list[Rollout]:
+        """Several rollouts (of different beams, e.g. different prompts' searches) in one set of
+        forward passes: their rows are stacked, ragged widths left-padded and masked (``merge_caches``),
+        each call's generated tokens chosen by its own sampler.  All calls force as many tokens and
+        generate as many steps (``Lockstep`` groups them so)."""
+        first = calls[0]
+        n_forced = first.forced.shape[1]
+        if any(c.forced.shape[1] != n_forced or c.steps != first.steps or c.feed_last != first.feed_last for c in calls):
+            raise ValueError("a rollout group needs the same forced width, steps and feed_last in every call")
+        index = [torch.as_tensor(c.parents, dtype=torch.long).to(self.device) for c in calls]
+        if len(calls) == 1:
+            cache = first.beam.state.select(index[0])
+        elif all(_mergeable(c.beam.state.kv) for c in calls):
+            cache = merge_caches([c.beam.state for c in calls], index)
+        else:  # e.g. sliding-window layers: one at a time
+            return [self.rollout_group([c])[0] for c in calls]
+        pickers, follow, lo, llo = [], [], 0, 0
+        for c in calls:
+            rows = len(c.parents)
+            own = list(c.follow) if c.follow is not None else list(range(rows))
+            leaders = len(set(own))
+            follow += [lo + f for f in own]
+            pickers.append(_Picker(c.sampler or Sampler(), lo, lo + rows, llo, llo + leaders))
+            lo, llo = lo + rows, llo + leaders
+        any_follow = any(c.follow is not None for c in calls)
+        parent_lp = torch.cat([c.beam.next_logprobs[torch.as_tensor(c.parents, dtype=torch.long)] for c in calls])
+        forced = torch.cat([c.forced for c in calls])
+        out = self._roll(cache, parent_lp, forced, first.steps, pickers, first.feed_last, follow if any_follow else None)
+        tokens, lp, length, done, n_fed, cache, positions = out
+        return [Rollout(parents=list(c.parents), tokens=tokens[p.lo:p.hi], logprobs=lp[p.lo:p.hi],
+                        length=length[p.lo:p.hi], finished=done[p.lo:p.hi], n_fed=n_fed,
+                        state=_RolloutState(cache, [c.beam.ids[q] for q in c.parents],
+                                            [pos[p.lo:p.hi] for pos in positions], offset=p.lo))
+                for c, p in zip(calls, pickers)]
+
+    def _roll(self, cache: _Cache, parent_lp: torch.Tensor, forced: torch.Tensor, steps: int,
+              pickers: Sequence[_Picker], feed_last: bool, follow: Sequence[int] | None):
+        """Feed ``forced`` to the rows of ``cache``, then generate ``steps`` tokens per row, one
+        batched forward per token.  A picker whose rows have all ended draws nothing more: a search
+        alone would have stopped there, so its random stream stays the one it has alone."""
         rows, n_forced = forced.shape
         lead, copy_of = _leaders(follow, rows)
-        cache = beam.state.select(index.to(self.device))
-        parent_lp = beam.next_logprobs[index]
-
         tokens = forced.clone()
         lp = torch.empty(rows, n_forced)
         lp[:, 0] = parent_lp.gather(1, forced[:, :1]).squeeze(1)
@@ -145,7 +245,9 @@ class HFBackend(Backend):
         cur = positions[-1]
         n_fed = n_forced
         for s in range(steps):
-            tok = sampler.pick(cur if lead is None else cur[lead])
+            src = cur if lead is None else cur[lead]
+            tok = torch.cat([p.sampler.pick(src[p.llo:p.lhi]) if not bool(done[p.lo:p.hi].all())
+                             else src[p.llo:p.lhi].argmax(dim=-1) for p in pickers])
             if copy_of is not None:
                 tok = tok[copy_of]
             tok_lp = cur.gather(1, tok[:, None]).squeeze(1)
@@ -169,15 +271,24 @@ class HFBackend(Backend):
             glp = torch.stack(gen_lp, 1) if gen_lp else torch.empty(rows, 0)
             tokens = torch.cat([tokens, gen, torch.full((rows, pad), self._pad, dtype=torch.long)], 1)
             lp = torch.cat([lp, glp, torch.zeros(rows, pad)], 1)
-        return Rollout(
-            parents=list(parents),
-            tokens=tokens,
-            logprobs=lp,
-            length=length.tolist(),
-            finished=done.tolist(),
-            n_fed=n_fed,
-            state=_RolloutState(cache, [beam.ids[p] for p in parents], positions),
-        )
+        return tokens, lp, length.tolist(), done.tolist(), n_fed, cache, positions
+
+    @torch.inference_mode()
+    def prefill_group(self, calls: Sequence[Prefill]) -> list[Beam]:
+        """Several searches' prefills in one forward: every prompt a row, split back into one beam
+        per call (each row's padding dropped again by ``_Cache.select``)."""
+        if len(calls) == 1:
+            c = calls[0]
+            return [self.prefill_many(c.prompts) if c.many else self.prefill(c.prompts[0])]
+        flat = [ids for c in calls for ids in c.prompts]
+        beam = self.prefill_many(flat)
+        out, lo = [], 0
+        for c in calls:
+            index = torch.arange(lo, lo + len(c.prompts))
+            out.append(Beam(ids=[list(ids) for ids in c.prompts], next_logprobs=beam.next_logprobs[index],
+                            state=beam.state.select(index.to(self.device))))
+            lo += len(c.prompts)
+        return out
 
     @torch.inference_mode()
     def commit(self, rollout: Rollout, rows: Sequence[int], keep: int) -> Beam:
@@ -185,7 +296,7 @@ class HFBackend(Backend):
         if not 1 <= keep <= rollout.n_fed:
             raise ValueError(f"cannot keep {keep} tokens of a rollout that fed {rollout.n_fed}")
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        cache = st.cache.select(index.to(self.device))
+        cache = st.cache.select((index + st.offset).to(self.device))
         if keep < rollout.n_fed:
             cache.kv.crop(-(rollout.n_fed - keep))
         ids = [st.base_ids[r] + rollout.tokens[r, :keep].tolist() for r in rows]
@@ -202,6 +313,9 @@ class NaiveHFBackend(HFBackend):
     """The correctness oracle: no cache, the full sequence re-encoded for every token of every row,
     rows one at a time.  Same contract and (up to float noise) the same numbers as ``HFBackend``;
     kept for tests and the benchmark, not offered to users."""
+
+    rollout_group = Backend.rollout_group  # the oracle runs every call on its own
+    prefill_group = Backend.prefill_group
 
     def _next(self, ids: list[int]) -> torch.Tensor:
         logprobs, _ = self._forward(torch.tensor([ids], dtype=torch.long), None)

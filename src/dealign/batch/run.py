@@ -16,12 +16,13 @@ from .spec import AlignerSpec
 
 
 def run_batch(input: Path, output: Path, base: Settings, spec: AlignerSpec, *, resume: bool = False, workers: int = 1,
-              build: Callable[[], Any] | None = None) -> int:
+              build: Callable[[], Any] | None = None, batch_size: int = 1) -> int:
     """Answer every row of ``input`` into ``output`` with the aligner ``spec`` describes; returns the
     number of rows generated now.  ``workers > 1`` answers the rows on that many Ray actors, each
     building its own aligner from ``spec``, with the same output row for row.  ``build`` is how the
     serial runner gets its aligner (default ``spec.build``; ``dealign eval`` passes a memoised one so
-    that its fluency judge can fall back on the same model).  Nothing is loaded when every row is done."""
+    that its fluency judge can fall back on the same model).  ``batch_size``: rows searched at a time
+    in lock-step on the one process (``Aligner.map_batched``).  Nothing is loaded when every row is done."""
     if input.resolve() == output.resolve():
         raise UsageError("--output must be a different file from --input")
     jobs = read_jobs(input, base)
@@ -33,11 +34,16 @@ def run_batch(input: Path, output: Path, base: Settings, spec: AlignerSpec, *, r
         print(f"resuming: {done} of {len(jobs)} rows already in {output}", file=sys.stderr)
     if workers < 1:
         raise UsageError(f"--workers must be >= 1; got {workers}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch size must be an integer >= 1; got {batch_size!r}")
+    if workers > 1 and batch_size > 1:
+        raise UsageError("--batch-size and --workers do not combine yet (Ray actors answer one row at a time); "
+                         "give one of them")
     if workers > 1:
         require_ray()  # before the output is touched
     with open(output, "a" if done else "w", encoding="utf-8") as out:  # opened first: fail before the load
         if workers > 1:
             run_sharded(jobs, done, out, base, spec, workers, input.name)
         else:
-            run_serial(jobs, done, out, (build or spec.build)(), input.name)
+            run_serial(jobs, done, out, (build or spec.build)(), input.name, batch_size)
     return len(jobs) - done

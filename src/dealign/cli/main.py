@@ -79,6 +79,7 @@ def generate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file for the answers (batch mode).", rich_help_panel="Batch")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the rows already in --output and continue after them.", rich_help_panel="Batch")] = False,
     workers: Annotated[int, typer.Option("--workers", help="Answer the rows on N Ray actors, each with its own model (needs `pip install 'dealign[ray]'`); same output as 1.", rich_help_panel="Batch")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Search N rows at a time in lock-step: one forward pass per step for all of them, a finished row's place taken by the next; same answers as 1.", rich_help_panel="Batch")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Also print reward breakdown, final beam and search statistics (to stderr with --json).")] = False,
     model: Annotated[Optional[str], typer.Option(help="Packaged model name, HF folder, .gguf file or cached hub id [default: packaged SmolLM2-135M-Instruct].", rich_help_panel=_M)] = None,
@@ -141,6 +142,8 @@ def generate(
             raise UsageError(f"--workers must be >= 1; got {workers}")
         if input is None and workers > 1:
             raise UsageError("--workers is for batch mode: add --input FILE --output FILE")
+        if input is None and batch_size != 1:
+            raise UsageError("--batch-size is for batch mode: add --input FILE --output FILE")
         if input is not None and (json_out or explain):
             raise UsageError("--json and --explain are for a single PROMPT; batch output is always JSONL")
         base = Settings.from_values(_setting_values(options))
@@ -153,7 +156,7 @@ def generate(
         spec = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device, engine_url=engine_url,
                            engine_dialect=engine_dialect, engine_model=engine_model, engine_top_n=engine_top_n)
         if input is not None:
-            run_batch(input, output, base, spec, resume=resume, workers=workers)
+            run_batch(input, output, base, spec, resume=resume, workers=workers, batch_size=batch_size)
             return
         _generate_one(prompt, base, spec, json_out=json_out, explain=explain)
 
@@ -226,6 +229,7 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of every search (sampling strategies).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming an interrupted run.")] = False,
     workers: Annotated[int, typer.Option("--workers", help="Answer the rows on N Ray actors (needs `pip install 'dealign[ray]'`).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Search N rows at a time in lock-step (same answers as 1).")] = 1,
     set_: Annotated[Optional[List[str]], typer.Option("--set", help="A search setting for one strategy, STRATEGY.SETTING=VALUE, e.g. deal.lookahead=2 or best-of-n.n=16 (repeatable).")] = None,
 ) -> None:
     """Run a task end to end through the batch path; write summary, plots and report.md."""
@@ -235,7 +239,8 @@ def eval_(
 
         run_eval(task, n=n, strategies=[s.strip() for s in (strategies or "").split(",") if s.strip()] or None,
                  out=out or Path("runs") / task, model=model, max_new_tokens=max_new_tokens, offset=offset,
-                 resume=not fresh, seed=seed, judge=judge, workers=workers, settings=parse_strategy_settings(set_))
+                 resume=not fresh, seed=seed, judge=judge, workers=workers, settings=parse_strategy_settings(set_),
+                 batch_size=batch_size)
 
 
 @app.command("eval-reward")
@@ -363,6 +368,8 @@ def bench(
     json_out: Annotated[Path, typer.Option(help="Where to write the report as JSON.")] = Path("runs/bench.json"),
     remote: Annotated[Optional[str], typer.Option(help="Also run greedy and DeAL (token, segment) through a serving engine at this URL, serving the same model; 'auto' starts the built llama-server on the packaged GGUF.")] = None,
     remote_dialect: Annotated[str, typer.Option(help="llamacpp | vllm, for --remote URL.")] = "llamacpp",
+    batch_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated batch sizes, e.g. 1,4,8,16: instead of the rows above, greedy and default DeAL over the same --prompts at each size, searched in lock-step (throughput, forward passes, peak memory, answers identical to size 1).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch device for --batch-sizes, e.g. cuda [default: cpu].")] = None,
     suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply).")] = "speed",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
@@ -372,6 +379,11 @@ def bench(
         if suite == "harm-cost":
             _bench_harm_cost(model, prompts, max_new_tokens, json_out)
             return
+        if batch_sizes is not None:
+            _bench_batches(model, device, prompts, max_new_tokens, batch_sizes, json_out)
+            return
+        if device is not None:
+            raise UsageError("--device is for --batch-sizes; the speed rows run on the CPU")
         from ..tools.bench import markdown, run_bench
 
         report = run_bench(model, prompts=prompts, naive_prompts=naive_prompts, max_new_tokens=max_new_tokens,
@@ -380,6 +392,25 @@ def bench(
         json_out.write_text(json.dumps(report, indent=2))
         typer.echo(markdown(report))
         typer.echo(f"\nwritten to {json_out}", err=True)
+
+
+def _bench_batches(model: Optional[str], device: Optional[str], prompts: int, max_new_tokens: int, sizes: str,
+                   json_out: Path) -> None:
+    from ..tools.bench_batch import markdown as batch_markdown, run_batch_bench
+
+    try:
+        values = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"--batch-sizes must be comma-separated integers >= 1, e.g. 1,4,8; got {sizes!r}")
+    aligner = AlignerSpec(model, device=device).build()
+    report = run_batch_bench(aligner, prompts=prompts, batch_sizes=values, max_new_tokens=max_new_tokens,
+                             progress=lambda m: typer.echo(m, err=True))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    typer.echo(batch_markdown(report))
+    typer.echo(f"\nwritten to {json_out}", err=True)
 
 
 def _bench_harm_cost(model: Optional[str], prompts: int, max_new_tokens: int, json_out: Path) -> None:
@@ -411,7 +442,8 @@ def serve(
     max_candidates: Annotated[int, typer.Option(help="Largest search width: beam x topk x max(1, lookahead) for DeAL, beam x beam, n for best-of-n.", rich_help_panel=_L)] = _SL.max_candidates,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens after the chat template.", rich_help_panel=_L)] = _SL.max_prompt_tokens,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take from arrival, queue included (then 503).", rich_help_panel=_L)] = _SL.timeout,
-    queue_size: Annotated[int, typer.Option(help="Requests that may wait while one runs (then 429).", rich_help_panel=_L)] = _SL.queue_size,
+    queue_size: Annotated[int, typer.Option(help="Requests that may wait while --max-batch run (then 429).", rich_help_panel=_L)] = _SL.queue_size,
+    max_batch: Annotated[int, typer.Option(help="Requests searching together: a request that arrives joins the running batch at the next step (1: one at a time).", rich_help_panel=_L)] = _SL.max_batch,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (then 413).", rich_help_panel=_L)] = _SL.max_body_bytes,
     max_connections: Annotated[int, typer.Option(help="Open connections uvicorn accepts (then 503).", rich_help_panel=_L)] = _SL.max_connections,
     allow_regex: Annotated[bool, typer.Option("--allow-regex/--no-allow-regex", help="Accept must_match / must_not_match (they run the client's regular expressions).", rich_help_panel=_L)] = _SL.allow_regex,
@@ -424,7 +456,7 @@ def serve(
         except ImportError as exc:
             raise ModelLoadError(f"dealign serve needs FastAPI and uvicorn ({exc}); run `pip install 'dealign[server]'`") from None
         limits = ServerLimits(max_tokens=max_tokens, max_candidates=max_candidates, max_prompt_tokens=max_prompt_tokens,
-                              timeout=timeout, queue_size=queue_size, max_body_bytes=max_body_bytes,
+                              timeout=timeout, queue_size=queue_size, max_batch=max_batch, max_body_bytes=max_body_bytes,
                               max_connections=max_connections, allow_regex=allow_regex, rewards=rewards)
         limits.offered_rewards()  # an unknown name fails here, before the model loads
         check_address(host, port)  # and so does a port in use

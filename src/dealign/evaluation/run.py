@@ -57,7 +57,7 @@ def packaged_rewards_fingerprint() -> str:
 
 def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, model: str | None, max_new_tokens: int | None,
              offset: int = 0, resume: bool = True, seed: int = 0, judge: str | None = None,
-             workers: int = 1, settings: dict[str, dict] | None = None) -> list[dict]:
+             workers: int = 1, settings: dict[str, dict] | None = None, batch_size: int = 1) -> list[dict]:
     """Run ``task`` end to end (see the module's docstring); ``settings``: search settings per strategy label
     (``{"deal": {"lookahead": 2}}``, as :func:`dealign.settings.parse_strategy_settings` reads ``--set``).
     Returns the summary table."""
@@ -98,7 +98,8 @@ def run_eval(task: str, *, n: int, strategies: list[str] | None, out: Path, mode
                              "add --fresh to start it over, or give another --out")
     previous.write_text(json.dumps(config, indent=2), encoding="utf-8")  # now, so an interrupted run is checked too
     try:
-        run_batch(inp, outp, Settings.from_values({}), spec, resume=resume, workers=workers, build=policy)
+        run_batch(inp, outp, Settings.from_values({}), spec, resume=resume, workers=workers, build=policy,
+                  batch_size=batch_size)
     except ResumeError as exc:
         raise UsageError(f"{out} holds a run with other settings ({exc.reason}); "
                          "add --fresh to start it over, or give another --out") from None

@@ -1,8 +1,11 @@
-"""One search at a time, in a worker thread, behind a bounded queue.
+"""Up to ``max_batch`` searches at a time, batched step by step, behind a bounded queue.
 
-The model is used by a single worker thread (a ``ThreadPoolExecutor`` of one), so searches never
-compete for the CPU or for memory; the event loop only parses requests and writes responses.  At
-most ``queue_size`` requests wait behind the running one; the next gets a 429 at once.  A request's
+Each running request has a worker thread (a ``ThreadPoolExecutor`` of ``max_batch``), and their
+searches advance in lock-step (``backends/lockstep.py``): a driver thread runs one forward pass per
+step for the rows of every running search, so a request that arrives while others search joins the
+running batch at the next step instead of waiting for them to end, and one that finishes, times out
+or is cancelled simply leaves it.  The event loop only parses requests and writes responses.  At
+most ``queue_size`` requests wait behind the running ones; the next gets a 429 at once.  A request's
 time limit counts from its arrival: one still queued at its deadline is answered 503 and skipped by
 the worker; one running is stopped at the next search step through the search's ``on_commit`` hook,
 which is also how streamed text and stop sequences are produced (from the tokens the search has
@@ -18,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..backends.lockstep import Lockstep
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
 from .limits import ServerLimits
@@ -95,31 +99,42 @@ class CommittedText:
 
 
 class Worker:
-    """The server's search worker: one thread running one ``Job`` at a time, the rest queued (not a
-    serving engine: those are the remote backend's, ``backends/remote.py``)."""
+    """The server's search worker: up to ``limits.max_batch`` ``Job``s searching together, the rest
+    queued (not a serving engine: those are the remote backend's, ``backends/remote.py``; with one,
+    the searches run concurrently and the engine batches their requests)."""
 
     def __init__(self, aligner: Any, limits: ServerLimits) -> None:
         self.aligner, self.limits = aligner, limits
         import torch
 
+        # an aligner that cannot hand out lanes (a wrapper of one) searches one request at a time
+        self.batch = limits.max_batch if hasattr(aligner, "lane") else 1
         threads = torch.get_num_threads()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dealign-search",
+        self._executor = ThreadPoolExecutor(max_workers=self.batch, thread_name_prefix="dealign-search",
                                             initializer=torch.set_num_threads, initargs=(threads,))
+        self._lock: Lockstep | None = None
+        if self.batch > 1:
+            self._lock = Lockstep(self.batch)
+            self._lock.serve()
         self.in_flight = 0  # running + waiting; touched only on the event loop
         self._jobs: set[Job] = set()
         self.completed = 0
         self.refused = 0
 
     def status(self) -> dict[str, int]:
-        return {"running": min(self.in_flight, 1), "waiting": max(self.in_flight - 1, 0),
+        batch = self.batch
+        return {"running": min(self.in_flight, batch), "waiting": max(self.in_flight - batch, 0),
+                "max_batch": batch, "shared_steps": self._lock.shared_steps if self._lock else 0,
                 "queue_size": self.limits.queue_size, "completed": self.completed, "refused_busy": self.refused}
 
     def submit(self, job: Job, emit: Callable[[str], None] | None = None) -> asyncio.Future:
         """Queue ``job``; ``emit(text)`` is called from the worker with each streamed delta.  Raises a
         429 ``ApiError`` when the queue is full."""
-        if self.in_flight > self.limits.queue_size:
+        batch = self.batch
+        if self.in_flight >= self.limits.queue_size + batch:
             self.refused += 1
-            raise ApiError(429, f"the server is busy: one request is running and {self.in_flight - 1} are waiting "
+            raise ApiError(429, f"the server is busy: {batch} requests are running (--max-batch) and "
+                                f"{self.in_flight - batch} are waiting "
                                 f"(the most it queues, set by --queue-size); retry shortly",
                            type="server_busy", code="queue_full", headers={"Retry-After": "1"})
         self.in_flight += 1
@@ -138,6 +153,8 @@ class Worker:
         for job in list(self._jobs):
             job.cancelled.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._lock is not None:
+            self._lock.close()
 
     def timeout_error(self) -> ApiError:
         return ApiError(503, f"the request ran past this server's time limit ({self.limits.timeout:g} s from "
@@ -165,7 +182,12 @@ class Worker:
             return None
         if time.monotonic() > job.deadline:
             raise self.timeout_error()
-        aligner = self.aligner
+        if self._lock is None:
+            return self._search(job, emit, self.aligner)
+        with self._lock.member():
+            return self._search(job, emit, self.aligner.lane(self._lock))
+
+    def _search(self, job: Job, emit: Callable[[str], None] | None, aligner: Any) -> Outcome | None:
         ids, user_text = self.check_prompt(job)
         text = CommittedText(aligner.backend.decode, job.stop)
         steps = 0

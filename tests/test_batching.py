@@ -1,0 +1,162 @@
+"""Batched search across prompts (``backends/lockstep.py``): every strategy's batched answers equal
+its one-at-a-time answers token for token, with ragged prompt lengths, rows finishing at different
+steps, continuous refill (more prompts than the batch holds), draft model and fluency context; the
+forward passes are shared; errors come back in input order; and a batch file resumes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dealign import Aligner
+from dealign.backends.hf import HFBackend
+from dealign.backends.lockstep import Lockstep
+from dealign.cli.main import app
+
+from conftest import SEARCH_CONFIGS, EosBoost, letters  # noqa: E402
+
+# ragged on purpose: 1 to 9 words, so the stacked rows need left padding of different widths
+PROMPTS = ["the dog", "a man throws the ball to his dog on the", "children sit", "the cat sleeps on a warm mat",
+           "a woman", "players skate on the rink and the team", "dog"]
+
+STRATEGIES = {
+    "greedy": dict(strategy="greedy", max_new_tokens=7),
+    "sample": dict(strategy="sample", temperature=1.0, max_new_tokens=7, seed=3),
+    "best-of-n": dict(strategy="best-of-n", n=3, temperature=1.0, max_new_tokens=6, seed=5),
+    "beam": dict(strategy="beam", beam=3, max_new_tokens=6),
+    **{f"deal-{name}": dict(dataclass_fields=cfg) for name, cfg in SEARCH_CONFIGS.items()},
+    "deal-fluency": dict(strategy="deal", beam=2, topk=3, lookahead=2, lam=2.0, fluency=1.0, max_new_tokens=6),
+    "deal-segment-fluency": dict(strategy="deal", mode="segment", beam=2, topk=3, lookahead=2, lam=2.0, fluency=1.0,
+                                 max_new_tokens=8),
+    "deal-opening": dict(strategy="deal", mode="segment", beam=2, topk=2, lookahead=2, open_tokens=2, open_topk=4,
+                         open_lookahead=1, lam=2.0, max_new_tokens=8),
+    "deal-sampled-rollouts": dict(strategy="deal", beam=2, topk=3, lookahead=2, rollout_temperature=1.0, seed=7,
+                                  lam=2.0, max_new_tokens=6),
+}
+
+
+def _kwargs(spec: dict) -> dict:
+    if "dataclass_fields" in spec:
+        cfg = spec["dataclass_fields"]
+        return {"search": cfg}
+    return dict(spec)
+
+
+@pytest.fixture(scope="module")
+def eos_aligner(tiny_model, tiny_tokenizer):
+    """The tiny model with end-of-sequence likelier after a few tokens, so rows of one batch finish
+    at different steps."""
+    boosted = EosBoost(tiny_model, tiny_tokenizer.eos_token_id, 2.0, from_pos=20)
+    return Aligner(HFBackend(boosted, tiny_tokenizer, name="tiny-eos"), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_batched_answers_equal_one_at_a_time(eos_aligner, name):
+    kwargs = _kwargs(STRATEGIES[name])
+    alone = [eos_aligner.generate(p, reward=letters, **kwargs) for p in PROMPTS]
+    before = eos_aligner.backend.counters.forward_passes
+    batched = eos_aligner.generate_batch(PROMPTS, batch_size=3, reward=letters, **kwargs)  # 7 prompts: refills
+    shared = eos_aligner.backend.counters.forward_passes - before
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.score for r in batched] == pytest.approx([r.score for r in alone], abs=1e-4)
+    assert shared < sum(r.stats["forward_passes"] for r in alone)  # the passes were shared
+    if name in ("greedy", "sample"):
+        assert len({len(r.token_ids) for r in alone}) > 1  # rows of one batch did finish at different steps
+
+
+def test_batched_with_a_draft_model_equals_one_at_a_time(tiny_model, tiny_draft, tiny_tokenizer):
+    al = Aligner.from_model(tiny_model, tiny_tokenizer, draft=(tiny_draft, tiny_tokenizer))
+    for mode in ("token", "segment"):
+        kw = dict(strategy="deal", mode=mode, beam=2, topk=3, lookahead=2, lam=2.0, fluency=0.0, max_new_tokens=6)
+        alone = [al.generate(p, reward=letters, **kw) for p in PROMPTS[:4]]
+        batched = al.generate_batch(PROMPTS[:4], batch_size=4, reward=letters, **kw)
+        assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+
+
+def test_each_prompt_keeps_its_own_settings_and_reward(tiny_aligner):
+    """Rows of one batch may differ in strategy, seed and reward; each answer is its own."""
+    items = [("the dog", dict(strategy="greedy", max_new_tokens=5)),
+             ("a man throws", dict(strategy="sample", temperature=1.0, seed=1, max_new_tokens=5)),
+             ("children sit", dict(strategy="deal", beam=2, topk=3, lookahead=1, lam=2.0, max_new_tokens=5)),
+             ("the cat", dict(strategy="deal", beam=2, topk=3, lookahead=1, lam=20.0, max_new_tokens=5))]
+    alone = [tiny_aligner.generate(p, reward=letters, **kw).token_ids for p, kw in items]
+    fn = lambda al, item: al.generate(item[0], reward=letters, **item[1]).token_ids  # noqa: E731
+    batched = [r for r, err in tiny_aligner.map_batched(fn, items, batch_size=4)]
+    assert batched == alone
+
+
+def test_a_rollout_group_stacks_the_rows_of_every_search(tiny_aligner):
+    lock = Lockstep(4)
+    calls = []
+    widest = []
+
+    def task(prompt):
+        al = tiny_aligner
+        view = lock.view(al.backend)
+        ids, _ = al.encode_prompt(prompt)
+        beam = view.prefill(ids)
+        ro = view.rollout(beam, [0, 0], beam.next_logprobs.topk(2).indices.T.contiguous(), 3)
+        calls.append(view.counters.forward_passes)
+        widest.append(view.counters.rows_max)
+        return ro.tokens.shape
+
+    shapes = [r for r, err in lock.map([lambda p=p: task(p) for p in PROMPTS[:4]])]
+    assert shapes == [torch.Size([2, 4])] * 4
+    assert lock.steps == 2  # one prefill group, one rollout group
+    assert widest == [8] * 4  # every search's rows rode in one forward of 4 x 2 rows
+
+
+def test_errors_come_back_in_input_order_and_the_others_finish(tiny_aligner):
+    prompts = ["the dog", "", "a man", "children sit"]  # the empty prompt fails in its own search
+    out = list(tiny_aligner.map_batched(lambda al, p: al.generate(p, strategy="greedy", max_new_tokens=4).text,
+                                        prompts, batch_size=2))
+    assert [err is None for _, err in out] == [True, False, True, True]
+    assert "empty" in str(out[1][1])
+    with pytest.raises(ValueError, match="empty"):
+        tiny_aligner.generate_batch(prompts, batch_size=2, strategy="greedy", max_new_tokens=4)
+
+
+def test_closing_the_batch_early_leaves_no_search_waiting(tiny_aligner):
+    it = tiny_aligner.map_batched(lambda al, p: al.generate(p, strategy="deal", max_new_tokens=6).text,
+                                  PROMPTS, batch_size=3)
+    next(it)
+    it.close()
+    for _ in range(50):
+        if not [t for t in threading.enumerate() if t.name.startswith("dealign-lockstep")]:
+            break
+        threading.Event().wait(0.05)
+    assert not [t for t in threading.enumerate() if t.name.startswith("dealign-lockstep")]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "4"])
+def test_a_bad_batch_size_is_a_clear_error(tiny_aligner, bad):
+    with pytest.raises(Exception, match="batch size must be an integer >= 1"):
+        tiny_aligner.generate_batch(["the dog"], batch_size=bad)
+
+
+def test_cli_batch_file_with_batch_size_equals_serial_and_resumes(tiny_model_dir, tmp_path):
+    rows = [{"id": i, "prompt": p, "strategy": "deal" if i % 2 else "greedy", "max_new_tokens": 6}
+            for i, p in enumerate(PROMPTS)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    common = ["generate", "--model", str(tiny_model_dir), "--input", str(src)]
+    res = runner.invoke(app, [*common, "--output", str(tmp_path / "serial.jsonl")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*common, "--output", str(tmp_path / "batched.jsonl"), "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    read = lambda f: [json.loads(line) for line in (tmp_path / f).read_text().splitlines()]  # noqa: E731
+    serial, batched = read("serial.jsonl"), read("batched.jsonl")
+    assert [r["id"] for r in batched] == list(range(len(PROMPTS)))  # input order
+    assert [r["text"] for r in batched] == [r["text"] for r in serial]
+    # interrupted after 3 rows: --resume answers the rest, same rows as an uninterrupted run
+    (tmp_path / "partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batched[:3]))
+    res = runner.invoke(app, [*common, "--output", str(tmp_path / "partial.jsonl"), "--batch-size", "3", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert [r["text"] for r in read("partial.jsonl")] == [r["text"] for r in serial]
+    res = runner.invoke(app, [*common, "--output", str(tmp_path / "x.jsonl"), "--batch-size", "0"])
+    assert res.exit_code != 0 and "batch size must be an integer >= 1" in res.output
