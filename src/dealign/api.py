@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .backends.base import Backend
 from .backends.hf import HFBackend
-from .backends.lockstep import Lockstep
+from .backends.lockstep import Lockstep, check_batch_size
 from .errors import ModelLoadError, UsageError
 from .models.loading import load
 from .rewards.base import as_reward
@@ -231,8 +231,7 @@ class Aligner:
         yielded as soon as it and all before it are done; up to ``batch_size`` calls run at a time,
         their searches batched step by step (``backends/lockstep.py``).  ``fn`` gets an aligner of
         its own sharing this one's model.  With ``batch_size`` 1 the items run one at a time here."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"batch size must be an integer >= 1; got {batch_size!r}")
+        check_batch_size(batch_size)
         if batch_size == 1:
             for item in items:
                 try:

@@ -194,7 +194,8 @@ class HFBackend(Backend):
         n_forced = first.forced.shape[1]
         if any(c.forced.shape[1] != n_forced or c.steps != first.steps or c.feed_last != first.feed_last for c in calls):
             raise ValueError("a rollout group needs the same forced width, steps and feed_last in every call")
-        index = [torch.as_tensor(c.parents, dtype=torch.long).to(self.device) for c in calls]
+        parents = [torch.as_tensor(c.parents, dtype=torch.long) for c in calls]
+        index = [p.to(self.device) for p in parents]
         if len(calls) == 1:
             cache = first.beam.state.select(index[0])
         elif all(_mergeable(c.beam.state.kv) for c in calls):
@@ -210,7 +211,7 @@ class HFBackend(Backend):
             pickers.append(_Picker(c.sampler or Sampler(), lo, lo + rows, llo, llo + leaders))
             lo, llo = lo + rows, llo + leaders
         any_follow = any(c.follow is not None for c in calls)
-        parent_lp = torch.cat([c.beam.next_logprobs[torch.as_tensor(c.parents, dtype=torch.long)] for c in calls])
+        parent_lp = torch.cat([c.beam.next_logprobs[p] for c, p in zip(calls, parents)])
         forced = torch.cat([c.forced for c in calls])
         out = self._roll(cache, parent_lp, forced, first.steps, pickers, first.feed_last, follow if any_follow else None)
         tokens, lp, length, done, n_fed, cache, positions = out

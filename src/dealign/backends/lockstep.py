@@ -24,7 +24,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..errors import UsageError
 from .base import Backend, Beam, Counters, Prefill, Rollout, RolloutCall, Sampler
+
+
+def check_batch_size(n: Any) -> None:
+    """A one-line error for a batch size that is not an integer >= 1 (callers check before any
+    output is written)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"batch size must be an integer >= 1; got {n!r}")
 
 
 class Cancelled(RuntimeError):
@@ -51,8 +59,7 @@ class Lockstep:
     calls batched step by step; see the module docstring."""
 
     def __init__(self, width: int) -> None:
-        if width < 1:
-            raise ValueError(f"the batch size must be >= 1; got {width}")
+        check_batch_size(width)
         self.width = width
         self._cv = threading.Condition()
         self._pending: list[_Call] = []
@@ -102,11 +109,11 @@ class Lockstep:
         def drive() -> None:
             while True:
                 with self._cv:
-                    while not self._closed and (not self._running or len(self._pending) < self._running):
+                    while not self._closed and not self._step_ready():
                         self._cv.wait()
                     if self._closed:
                         return
-                    batch, self._pending = self._pending, []
+                    batch = self._take_step()
                 self._execute(batch)
 
         thread = threading.Thread(target=drive, daemon=True, name="dealign-lockstep-driver")
@@ -155,16 +162,14 @@ class Lockstep:
                             threading.Thread(target=run, args=(started, task), daemon=True,
                                              name=f"dealign-lockstep-{started}").start()
                             started += 1
-                        if emitted in results or self._running == 0 or len(self._pending) >= self._running:
+                        if emitted in results or self._running == 0 or self._step_ready():
                             break
                         self._cv.wait()
                     ready = []
                     while emitted in results:
                         ready.append(results.pop(emitted))
                         emitted += 1
-                    batch = []
-                    if self._running and len(self._pending) >= self._running:
-                        batch, self._pending = self._pending, []
+                    batch = self._take_step() if self._step_ready() else []
                 yield from ready
                 if batch:
                     self._execute(batch)
@@ -172,6 +177,14 @@ class Lockstep:
                     return
         finally:
             self.close()
+
+    def _step_ready(self) -> bool:
+        """Under the lock: every running search waits on a call, so the step can run."""
+        return bool(self._running) and len(self._pending) >= self._running
+
+    def _take_step(self) -> list[_Call]:
+        batch, self._pending = self._pending, []
+        return batch
 
     def _execute(self, batch: Sequence[_Call]) -> None:
         groups: dict[tuple, list[_Call]] = {}

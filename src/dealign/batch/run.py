@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..backends.lockstep import check_batch_size
 from ..errors import UsageError
 from ..settings import Settings
 from .jobs import read_jobs, rows_done
@@ -34,8 +35,7 @@ def run_batch(input: Path, output: Path, base: Settings, spec: AlignerSpec, *, r
         print(f"resuming: {done} of {len(jobs)} rows already in {output}", file=sys.stderr)
     if workers < 1:
         raise UsageError(f"--workers must be >= 1; got {workers}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch size must be an integer >= 1; got {batch_size!r}")
+    check_batch_size(batch_size)  # before the output is touched
     if workers > 1 and batch_size > 1:
         raise UsageError("--batch-size and --workers do not combine yet (Ray actors answer one row at a time); "
                          "give one of them")

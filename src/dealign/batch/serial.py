@@ -19,15 +19,16 @@ def run_serial(jobs: list[Job], done: int, out: IO[str], aligner: Any, source: s
 
     with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
         answers = aligner.map_batched(answer, jobs[done:], batch_size=batch_size)
-        for job, (rec, exc) in zip(jobs[done:], answers):
-            if isinstance(exc, ValueError):
-                answers.close()
-                raise UsageError(
-                    f"{source} line {job.lineno}: {exc} (rows before it are saved; fix it and rerun with --resume)"
-                ) from None
-            if exc is not None:
-                answers.close()
-                raise exc
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update()
+        try:
+            for job, (rec, exc) in zip(jobs[done:], answers):
+                if isinstance(exc, ValueError):
+                    raise UsageError(
+                        f"{source} line {job.lineno}: {exc} (rows before it are saved; fix it and rerun with --resume)"
+                    ) from None
+                if exc is not None:
+                    raise exc
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update()
+        finally:
+            answers.close()  # rows still searching are cancelled

@@ -291,6 +291,15 @@ def train_reward(
         typer.echo(f"saved to {report.out}; use it with --reward-model {report.out}")
 
 
+def _read_or_make(path: Path, read, make):
+    """Training data kept beside a reward: ``read(path)`` when the file exists, else ``make(path)``,
+    which writes it there (so a retrain reuses it) and returns what it wrote."""
+    if path.is_file():
+        return read(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return make(path)
+
+
 @app.command("train-gate")
 def train_gate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for gate.json [default: the packaged one, used by the named reward harm_gated].")] = None,
@@ -307,12 +316,7 @@ def train_gate(
         from ..training import prompt_gate as pg
 
         out = out or WEIGHTS_DIR / "harm_gate"
-        bfile = benign or out / "benign_questions.jsonl"
-        if bfile.is_file():
-            ok = pg.read_questions(bfile)
-        else:
-            bfile.parent.mkdir(parents=True, exist_ok=True)
-            ok = pg.generate_benign(bfile)
+        ok = _read_or_make(benign or out / "benign_questions.jsonl", pg.read_questions, pg.generate_benign)
         bad = pg.harmful_prompts(data_dir())
         w, b = pg.fit_gate(bad, ok, l2=l2)
         dev = pg.dev_accuracy(gate_of(w, b), harmfulq(20, 100), benign_questions(split="dev"))
@@ -339,17 +343,16 @@ def train_safety(
         from ..training import safety_pairs as sp
         from ..training import train_reward as train
 
-        out = out or WEIGHTS_DIR / "safety"
-        pfile = pairs or out / "pairs.jsonl.gz"
-        if pfile.is_file():
-            rows = sp.read_rows(pfile)
-        else:
+        def make(path: Path) -> list[dict]:
             rng = _random.Random(0)
             harmful = sp.harmful_sample(pg.harmful_prompts(data_dir()), rng)
             benign = pg.read_questions(WEIGHTS_DIR / "harm_gate" / "benign_questions.jsonl")
             rows = sp.generate_rows(harmful, benign, SAFETY_INSTRUCTION, rng)
-            pfile.parent.mkdir(parents=True, exist_ok=True)
-            sp.write_rows(pfile, rows)
+            sp.write_rows(path, rows)
+            return rows
+
+        out = out or WEIGHTS_DIR / "safety"
+        rows = _read_or_make(pairs or out / "pairs.jsonl.gz", sp.read_rows, make)
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "safety_pairs.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in sp.with_openings(rows)), encoding="utf-8")
