@@ -110,6 +110,55 @@ def test_a_rollout_group_stacks_the_rows_of_every_search(tiny_aligner):
     assert widest == [8] * 4  # every search's rows rode in one forward of 4 x 2 rows
 
 
+def test_a_group_of_calls_with_different_steps_equals_each_alone(eos_aligner):
+    """Calls that generate different numbers of tokens, fed or not, share one set of passes (as many
+    as the longest) and each gets what it gets alone: tokens, log-probs, lengths, fed count, and the
+    beam its commit makes (the rows it rode along with are cropped away)."""
+    from dealign.backends.base import RolloutCall, Sampler
+
+    be = eos_aligner.backend
+    specs = [(0, False, 0.0), (2, False, 1.0), (3, True, 0.0), (1, True, 1.0), (5, False, 1.0)]
+
+    def calls():
+        out = []
+        for i, (steps, feed, temp) in enumerate(specs):
+            ids, _ = eos_aligner.encode_prompt(PROMPTS[i])
+            beam = be.prefill(ids)
+            forced = beam.next_logprobs.topk(3).indices.T.contiguous()
+            sampler = Sampler(temp, 1.0, torch.Generator().manual_seed(i))
+            out.append(RolloutCall(beam, [0, 0, 0], forced, steps, sampler, feed, None))
+        return out
+
+    alone = [be.rollout_group([c])[0] for c in calls()]
+    grouped = calls()
+    before = be.counters.forward_passes
+    group = be.rollout_group(grouped)
+    assert be.counters.forward_passes - before == max(a.n_fed for a in alone)  # the longest, not the sum
+    assert len({a.n_fed for a in alone}) > 2
+    for a, g in zip(alone, group):
+        assert g.tokens.tolist() == a.tokens.tolist()
+        assert g.length == a.length and g.finished == a.finished and g.n_fed == a.n_fed
+        assert torch.allclose(g.logprobs, a.logprobs, atol=1e-5)
+        for keep in sorted({1, a.n_fed}):
+            ca, cg = be.commit(a, [0, 2], keep), be.commit(g, [0, 2], keep)
+            assert cg.ids == ca.ids
+            assert torch.allclose(cg.next_logprobs, ca.next_logprobs, atol=1e-5)
+            assert cg.state.kv.get_seq_length() - (cg.state.pads.min() if cg.state.pads is not None else 0) \
+                == ca.state.kv.get_seq_length()
+            step_a = be.rollout(ca, [0, 1], ca.next_logprobs.argmax(-1)[:, None], 2)
+            step_g = be.rollout(cg, [0, 1], cg.next_logprobs.argmax(-1)[:, None], 2)
+            assert step_g.tokens.tolist() == step_a.tokens.tolist()  # the committed cache continues alike
+
+
+def test_a_long_rollout_runs_apart_from_short_ones_when_rows_cost():
+    from dealign.backends.hf import split_by_passes
+
+    calls = [(16, 1), (1, 4), (1, 4), (2, 8), (1, 6)]
+    assert split_by_passes(calls, 24.0) == [[1, 2, 3, 4], [0]]  # 16 passes of 37 rows cost more than apart
+    assert split_by_passes(calls, 512.0) == [[0, 1, 2, 3, 4]]  # where a pass costs more than the rows
+    assert split_by_passes([(3, 4)], 24.0) == [[0]]
+
+
 def test_errors_come_back_in_input_order_and_the_others_finish(tiny_aligner):
     prompts = ["the dog", "", "a man", "children sit"]  # the empty prompt fails in its own search
     out = list(tiny_aligner.map_batched(lambda al, p: al.generate(p, strategy="greedy", max_new_tokens=4).text,

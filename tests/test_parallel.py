@@ -7,6 +7,7 @@ so these tests measure plumbing (order, seeds, resume, errors), not speed.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import sys
 from pathlib import Path
@@ -84,6 +85,22 @@ def test_two_workers_match_single_process_row_for_row(ray_local, tiny_model_dir,
     for g, e in zip(got, expected):
         assert g == e, f"row {e['id']} differs"
     assert {r["strategy"] for r in got} == {"greedy", "deal", "best-of-n", "sample", "beam"}
+
+
+def test_workers_with_batch_size_match_single_process_row_for_row(ray_local, tiny_model_dir, single, tmp_path):
+    """Each actor searches 3 rows at a time in lock-step; the output is still the single-process one."""
+    src, expected = single
+    out = tmp_path / "out.jsonl"
+    result = run(tiny_model_dir, "--input", str(src), "--output", str(out), "--workers", "2", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    shared, steps = map(int, re.search(r"lock-step: (\d+) of (\d+) steps", result.stderr).groups())
+    assert shared > steps / 2  # the actors' rows did share their forward passes
+    got = untimed(out)
+    assert len(got) == 200
+    for g, e in zip(got, expected):  # the forward passes a row rode in are the batch's, not its own
+        gs, es = g.pop("stats"), dict(e)
+        assert gs["steps"] == es.pop("stats")["steps"]
+        assert g == es, f"row {e['id']} differs"
 
 
 def test_resume_with_workers_keeps_written_rows_and_finishes(ray_local, tiny_model_dir, single, tmp_path):

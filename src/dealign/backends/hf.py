@@ -94,6 +94,7 @@ class _RolloutState:
     base_ids: list[list[int]]
     position_logprobs: list[torch.Tensor]  # [rows, vocab] after each fed token
     offset: int = 0  # where this rollout's rows start in ``cache`` (a rollout of a group shares it)
+    fed: int = 0  # tokens the group fed to ``cache`` (>= this rollout's n_fed when a longer call rode with it)
 
 
 @dataclass
@@ -106,6 +107,9 @@ class _Picker:
     hi: int
     llo: int
     lhi: int
+    steps: int = 0  # tokens this call generates
+    feed_last: bool = False  # whether its last generated token is fed too
+    fed: int = 0  # tokens fed to its rows when it stopped (its rollout's n_fed)
 
 
 class HFBackend(Backend):
@@ -125,6 +129,9 @@ class HFBackend(Backend):
             )
         self.counters = Counters()
         self._pad = min(self.eos_ids)
+        # what one forward pass costs beyond its rows, in rows: a CPU pays per row early (one cached
+        # SmolLM2 step: 39 ms at 1 row, 96 at 32), an accelerator hardly at all into the hundreds
+        self.pass_cost_rows = 24.0 if self.device.type == "cpu" else 512.0
 
     # model access --------------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, cache: _Cache | None, pads: torch.Tensor | None = None) -> tuple[torch.Tensor, _Cache]:
@@ -188,12 +195,21 @@ class HFBackend(Backend):
     def rollout_group(self, calls: Sequence[RolloutCall]) -> list[Rollout]:
         """Several rollouts (of different beams, e.g. different prompts' searches) in one set of
         forward passes: their rows are stacked, ragged widths left-padded and masked (``merge_caches``),
-        each call's generated tokens chosen by its own sampler.  All calls force as many tokens and
-        generate as many steps (``Lockstep`` groups them so)."""
+        each call's generated tokens chosen by its own sampler.  The calls force as many tokens
+        (``Lockstep`` groups them so) but may generate different numbers of steps, with or without
+        feeding the last: a call that is through rides along in the later passes (its rows fed a pad
+        that its commit crops away), so the group costs the longest call's passes, not their sum."""
         first = calls[0]
         n_forced = first.forced.shape[1]
-        if any(c.forced.shape[1] != n_forced or c.steps != first.steps or c.feed_last != first.feed_last for c in calls):
-            raise ValueError("a rollout group needs the same forced width, steps and feed_last in every call")
+        if any(c.forced.shape[1] != n_forced for c in calls):
+            raise ValueError("a rollout group needs the same forced width in every call")
+        parts = split_by_passes([(_passes(c), len(c.parents)) for c in calls], self.pass_cost_rows)
+        if len(parts) > 1:
+            out: list[Rollout | None] = [None] * len(calls)
+            for part in parts:
+                for i, ro in zip(part, self.rollout_group([calls[i] for i in part])):
+                    out[i] = ro
+            return out  # type: ignore[return-value]
         parents = [torch.as_tensor(c.parents, dtype=torch.long) for c in calls]
         index = [p.to(self.device) for p in parents]
         if len(calls) == 1:
@@ -208,25 +224,28 @@ class HFBackend(Backend):
             own = list(c.follow) if c.follow is not None else list(range(rows))
             leaders = len(set(own))
             follow += [lo + f for f in own]
-            pickers.append(_Picker(c.sampler or Sampler(), lo, lo + rows, llo, llo + leaders))
+            pickers.append(_Picker(c.sampler or Sampler(), lo, lo + rows, llo, llo + leaders, c.steps, c.feed_last))
             lo, llo = lo + rows, llo + leaders
         any_follow = any(c.follow is not None for c in calls)
         parent_lp = torch.cat([c.beam.next_logprobs[p] for c, p in zip(calls, parents)])
         forced = torch.cat([c.forced for c in calls])
-        out = self._roll(cache, parent_lp, forced, first.steps, pickers, first.feed_last, follow if any_follow else None)
-        tokens, lp, length, done, n_fed, cache, positions = out
-        return [Rollout(parents=list(c.parents), tokens=tokens[p.lo:p.hi], logprobs=lp[p.lo:p.hi],
-                        length=length[p.lo:p.hi], finished=done[p.lo:p.hi], n_fed=n_fed,
+        tokens, lp, length, done, fed, cache, positions = self._roll(cache, parent_lp, forced, pickers,
+                                                                     follow if any_follow else None)
+        return [Rollout(parents=list(c.parents), tokens=tokens[p.lo:p.hi, :n_forced + c.steps],
+                        logprobs=lp[p.lo:p.hi, :n_forced + c.steps], length=length[p.lo:p.hi],
+                        finished=done[p.lo:p.hi], n_fed=p.fed,
                         state=_RolloutState(cache, [c.beam.ids[q] for q in c.parents],
-                                            [pos[p.lo:p.hi] for pos in positions], offset=p.lo))
+                                            [pos[p.lo:p.hi] for pos in positions[:p.fed]], offset=p.lo, fed=fed))
                 for c, p in zip(calls, pickers)]
 
-    def _roll(self, cache: _Cache, parent_lp: torch.Tensor, forced: torch.Tensor, steps: int,
-              pickers: Sequence[_Picker], feed_last: bool, follow: Sequence[int] | None):
-        """Feed ``forced`` to the rows of ``cache``, then generate ``steps`` tokens per row, one
-        batched forward per token.  A picker whose rows have all ended draws nothing more: a search
-        alone would have stopped there, so its random stream stays the one it has alone."""
+    def _roll(self, cache: _Cache, parent_lp: torch.Tensor, forced: torch.Tensor, pickers: Sequence[_Picker],
+              follow: Sequence[int] | None):
+        """Feed ``forced`` to the rows of ``cache``, then generate each picker's ``steps`` tokens per
+        row, one batched forward per token.  A picker stops where it would alone (its rows all ended,
+        or its last step, fed only with ``feed_last``) and then draws nothing more, so its random
+        stream and its ``fed`` count are the ones it has alone; its rows get pad tokens after."""
         rows, n_forced = forced.shape
+        steps = max(p.steps for p in pickers)
         lead, copy_of = _leaders(follow, rows)
         tokens = forced.clone()
         lp = torch.empty(rows, n_forced)
@@ -236,43 +255,59 @@ class HFBackend(Backend):
             lp[:, 1:] = logprobs[:, :-1].gather(2, forced[:, 1:, None]).squeeze(2)
         positions = [logprobs[:, j] for j in range(n_forced)]
         done = torch.zeros(rows, dtype=torch.bool)
-        length = torch.full((rows,), n_forced + steps, dtype=torch.long)
+        length = torch.tensor([n_forced + p.steps for p in pickers for _ in range(p.lo, p.hi)], dtype=torch.long)
         for j in range(n_forced):  # forced tokens may already end a row
             hit = _is_eos(forced[:, j], self.eos_ids) & ~done
             length[hit] = j + 1
             done |= hit
+        active = []
+        for p in pickers:
+            p.fed = n_forced
+            if p.steps > 0 and not bool(done[p.lo:p.hi].all()):
+                active.append(p)
 
         gen_tok, gen_lp = [], []
         cur = positions[-1]
-        n_fed = n_forced
+        fed = n_forced
         for s in range(steps):
+            if not active:
+                break
             src = cur if lead is None else cur[lead]
-            tok = torch.cat([p.sampler.pick(src[p.llo:p.lhi]) if not bool(done[p.lo:p.hi].all())
-                             else src[p.llo:p.lhi].argmax(dim=-1) for p in pickers])
+            tok = torch.full((len(src),), self._pad, dtype=torch.long)
+            for p in active:
+                tok[p.llo:p.lhi] = p.sampler.pick(src[p.llo:p.lhi])
             if copy_of is not None:
                 tok = tok[copy_of]
             tok_lp = cur.gather(1, tok[:, None]).squeeze(1)
-            tok = torch.where(done, torch.full_like(tok, self._pad), tok)
-            tok_lp = torch.where(done, torch.zeros_like(tok_lp), tok_lp)
+            through = done.clone()  # rows that take no token this step: ended, or their picker is through
+            for p in pickers:
+                if p not in active:
+                    through[p.lo:p.hi] = True
+            tok = torch.where(through, torch.full_like(tok, self._pad), tok)
+            tok_lp = torch.where(through, torch.zeros_like(tok_lp), tok_lp)
             gen_tok.append(tok)
             gen_lp.append(tok_lp)
-            hit = _is_eos(tok, self.eos_ids) & ~done
+            hit = _is_eos(tok, self.eos_ids) & ~through
             length[hit] = n_forced + s + 1
             done |= hit
-            last = s == steps - 1
-            if bool(done.all()) or (last and not feed_last):
+            active = [p for p in active
+                      if not bool(done[p.lo:p.hi].all()) and (s < p.steps - 1 or (s == p.steps - 1 and p.feed_last))]
+            if not active:
                 break
             logprobs, cache = self._forward(tok[:, None], cache)
             cur = logprobs[:, -1]
             positions.append(cur)
-            n_fed += 1
+            fed += 1
+            for p in active:
+                p.fed = fed
+            active = [p for p in active if s < p.steps - 1]
         pad = steps - len(gen_tok)
         if gen_tok or pad:
             gen = torch.stack(gen_tok, 1) if gen_tok else torch.empty(rows, 0, dtype=torch.long)
             glp = torch.stack(gen_lp, 1) if gen_lp else torch.empty(rows, 0)
             tokens = torch.cat([tokens, gen, torch.full((rows, pad), self._pad, dtype=torch.long)], 1)
             lp = torch.cat([lp, glp, torch.zeros(rows, pad)], 1)
-        return tokens, lp, length.tolist(), done.tolist(), n_fed, cache, positions
+        return tokens, lp, length.tolist(), done.tolist(), fed, cache, positions
 
     @torch.inference_mode()
     def prefill_group(self, calls: Sequence[Prefill]) -> list[Beam]:
@@ -298,8 +333,9 @@ class HFBackend(Backend):
             raise ValueError(f"cannot keep {keep} tokens of a rollout that fed {rollout.n_fed}")
         index = torch.as_tensor(list(rows), dtype=torch.long)
         cache = st.cache.select((index + st.offset).to(self.device))
-        if keep < rollout.n_fed:
-            cache.kv.crop(-(rollout.n_fed - keep))
+        fed = max(st.fed, rollout.n_fed)
+        if keep < fed:
+            cache.kv.crop(-(fed - keep))
         ids = [st.base_ids[r] + rollout.tokens[r, :keep].tolist() for r in rows]
         return Beam(ids=ids, next_logprobs=st.position_logprobs[keep - 1][index], state=cache)
 
@@ -381,6 +417,31 @@ class NaiveHFBackend(HFBackend):
 
     def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
         return self.commit(rollout, rows, keep).next_logprobs
+
+
+def _passes(call: RolloutCall) -> int:
+    """The forward passes a rollout takes at most: the forced tokens, then one per generated token
+    but the last (unless it is fed too)."""
+    return 1 + max(call.steps - (0 if call.feed_last else 1), 0)
+
+
+def split_by_passes(calls: Sequence[tuple[int, int]], pass_cost_rows: float) -> list[list[int]]:
+    """Which of ``calls`` (``(passes, rows)`` each) to run together: a group takes as many passes as
+    its longest call, every row riding in each, so a one-token call grouped with a long rollout pays
+    for the long one's passes; apart, each group pays a pass's fixed cost (``pass_cost_rows``, in
+    rows) per pass.  Returns the cheapest split into groups of neighbouring pass counts, as lists of
+    indices into ``calls`` (one group when everything takes as many passes)."""
+    counts = sorted({p for p, _ in calls})
+    rows = [sum(r for p, r in calls if p == c) for c in counts]
+    best: list[tuple[float, int]] = [(0.0, 0)]  # best[j]: the cost of counts[:j], where its last group starts
+    for j in range(1, len(counts) + 1):
+        best.append(min((best[i][0] + counts[j - 1] * (pass_cost_rows + sum(rows[i:j])), i) for i in range(j)))
+    groups, j = [], len(counts)
+    while j:
+        i = best[j][1]
+        groups.append([k for k, (p, _) in enumerate(calls) if counts[i] <= p <= counts[j - 1]])
+        j = i
+    return groups[::-1]
 
 
 def _leaders(follow: Sequence[int] | None, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -5,7 +5,7 @@ Why: a search pays for sequential forward passes, not rows (one cached SmolLM2 s
 runs one prompt.  Rewriting each strategy as a batched state machine would fork the search code;
 instead every search runs unchanged, each in its own thread, against a ``SharedBackend`` view.  A
 view's forward-bearing calls (prefill, rollout) are queued; once *every* running search waits on
-one, the queued calls are grouped (same backend, same kind, same forced width / steps) and each
+one, the queued calls are grouped (same backend, same kind, same forced width) and each
 group runs as one ``rollout_group`` / ``prefill_group`` on the real backend, whose rows stack the
 searches' rows.  Commits, peeks and decoding stay in the searches' threads.
 
@@ -51,7 +51,7 @@ class _Call:
         r = self.request
         if isinstance(r, Prefill):
             return (id(self.view.inner), "prefill")
-        return (id(self.view.inner), "rollout", int(r.forced.shape[1]), int(r.steps), bool(r.feed_last))
+        return (id(self.view.inner), "rollout", int(r.forced.shape[1]))
 
 
 class Lockstep:
@@ -169,8 +169,9 @@ class Lockstep:
                     while emitted in results:
                         ready.append(results.pop(emitted))
                         emitted += 1
-                    batch = self._take_step() if self._step_ready() else []
                 yield from ready
+                with self._cv:  # only after the yield: a consumer that closes there leaves no step taken
+                    batch = self._take_step() if self._step_ready() else []
                 if batch:
                     self._execute(batch)
                 elif self._running == 0 and exhausted and emitted == started:

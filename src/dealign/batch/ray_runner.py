@@ -16,6 +16,10 @@ Why it is built this way:
   most ``window`` rows are submitted past the first unwritten one, which bounds both the buffer and
   the work an interruption can lose.  Rows are handed out dynamically (at most two queued per
   actor), so a slow DeAL row does not leave the other actors idle behind a static shard.
+* **``--batch-size`` batches inside each actor** — the actor is a threaded Ray actor with as many
+  threads as rows in its batch; every row's search joins the actor's long-lived ``Lockstep``
+  (``member`` / ``lane``), so an actor's rows share their forward passes step by step and a finished
+  row's place goes to the next one queued to it (``batch_size + 1`` queued per actor).
 
 Ray is imported only here, inside the functions, and only when ``--workers > 1``; ``--workers 1`` never
 touches it.
@@ -30,6 +34,7 @@ import sys
 import time
 from typing import IO, Any
 
+from ..backends.lockstep import Lockstep
 from ..errors import ModelLoadError, UsageError
 from ..settings import Settings
 from .jobs import Job, answer, make_job
@@ -49,16 +54,22 @@ def require_ray():
 
 
 class BatchWorker:
-    """One Ray actor: a model loaded once, answering rows one at a time."""
+    """One Ray actor: a model loaded once, answering rows one at a time, or ``batch_size`` at a time
+    in lock-step (its ``answer`` then runs in that many actor threads at once)."""
 
-    def __init__(self, spec: AlignerSpec, base: Settings, threads: int, cwd: str, env: dict[str, str]):
+    def __init__(self, spec: AlignerSpec, base: Settings, threads: int, cwd: str, env: dict[str, str],
+                 batch_size: int = 1):
         os.environ.update(env)  # DEALIGN_CACHE, DEALIGN_DATA, HF_*: as the driver sees them
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative paths in rows (reward_model) mean what they mean to the driver
         import torch
 
         torch.set_num_threads(threads)
+        self.threads = threads
         self.spec, self.base, self.aligner = spec, base, None
+        self.lock = Lockstep(batch_size) if batch_size > 1 else None
+        if self.lock is not None:
+            self.lock.serve()
 
     def load(self) -> tuple[str, str] | None:
         """Load the model; an error comes back as (kind, message) so the driver can report it cleanly."""
@@ -70,12 +81,24 @@ class BatchWorker:
             return "usage", str(exc)
         return None
 
+    def shared(self) -> tuple[int, int]:
+        """(steps run, steps that held more than one row's search) of this actor's lock-step batch."""
+        return (self.lock.steps, self.lock.shared_steps) if self.lock is not None else (0, 0)
+
     def answer(self, index: int, lineno: int, row: dict[str, Any]) -> tuple[int, dict[str, Any] | None, Any]:
         """(index, output record, None), or (index, None, (kind, message)) for a row that failed the way
         the single-process path reports cleanly: the search refused it ("usage"), or a reward model
         could not be loaded ("model")."""
         try:
-            rec = answer(self.aligner, make_job(lineno, row, self.base))
+            job = make_job(lineno, row, self.base)
+            if self.lock is None:
+                rec = answer(self.aligner, job)
+            else:
+                import torch
+
+                torch.set_num_threads(self.threads)  # per thread: Ray's actor threads start with torch's default
+                with self.lock.member():
+                    rec = answer(self.aligner.lane(self.lock), job)
         except ValueError as exc:
             return index, None, ("usage", str(exc))
         except ModelLoadError as exc:
@@ -95,9 +118,9 @@ def _passed_env() -> dict[str, str]:
 
 
 def run_sharded(jobs: list[Job], done: int, out: IO[str], base: Settings, spec: AlignerSpec, workers: int,
-                source: str, window: int | None = None) -> None:
-    """Answer ``jobs[done:]`` on ``workers`` Ray actors, writing ``out`` in input order (see the module
-    docstring).  Uses the running Ray instance (``ray.init`` done by the caller, or ``RAY_ADDRESS``),
+                source: str, window: int | None = None, batch_size: int = 1) -> None:
+    """Answer ``jobs[done:]`` on ``workers`` Ray actors, ``batch_size`` rows at a time in each, writing
+    ``out`` in input order (see the module docstring).  Uses the running Ray instance (``ray.init`` done by the caller, or ``RAY_ADDRESS``),
     else starts a local one for this run."""
     from tqdm import tqdm
 
@@ -117,11 +140,11 @@ def run_sharded(jobs: list[Job], done: int, out: IO[str], base: Settings, spec: 
         threads = max(1, cpus // workers)
         # fractional CPUs when there are more workers than cores, so every actor is scheduled
         num_cpus = threads if workers <= cpus else cpus / workers
-        Worker = ray.remote(BatchWorker).options(num_cpus=num_cpus)
+        Worker = ray.remote(BatchWorker).options(num_cpus=num_cpus, max_concurrency=batch_size)
         begin = time.perf_counter()
         print(f"loading model {spec.engine_url or spec.model or '(default)'} in {workers} workers "
               f"({threads} torch thread{'s' * (threads > 1)} each) ...", file=sys.stderr, flush=True)
-        actors = [Worker.remote(spec, base, threads, os.getcwd(), _passed_env()) for _ in range(workers)]
+        actors = [Worker.remote(spec, base, threads, os.getcwd(), _passed_env(), batch_size) for _ in range(workers)]
         try:
             failures = ray.get([a.load.remote() for a in actors])
         except ray.exceptions.RayError as exc:  # an actor could not even start
@@ -132,7 +155,12 @@ def run_sharded(jobs: list[Job], done: int, out: IO[str], base: Settings, spec: 
                 raise (UsageError if kind == "usage" else ModelLoadError)(message)
         print(f"workers ready in {time.perf_counter() - begin:.1f} s", file=sys.stderr, flush=True)
         with tqdm(total=len(jobs), initial=done, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
-            _drive(ray, actors, jobs, done, out, bar, source, window or max(16, 8 * workers))
+            _drive(ray, actors, jobs, done, out, bar, source, window or max(16, (8 + batch_size) * workers),
+                   per_actor=PER_ACTOR_QUEUE + batch_size - 1)
+        if batch_size > 1:
+            counts = ray.get([a.shared.remote() for a in actors])
+            print(f"lock-step: {sum(s for _, s in counts)} of {sum(n for n, _ in counts)} steps shared rows of "
+                  f"several searches", file=sys.stderr, flush=True)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -140,7 +168,8 @@ def run_sharded(jobs: list[Job], done: int, out: IO[str], base: Settings, spec: 
             ray.shutdown()
 
 
-def _drive(ray, actors: list, jobs: list, done: int, out: IO[str], bar, source: str, window: int) -> None:
+def _drive(ray, actors: list, jobs: list, done: int, out: IO[str], bar, source: str, window: int,
+           per_actor: int = PER_ACTOR_QUEUE) -> None:
     pending: dict[Any, int] = {}  # object ref -> actor number
     queued = [0] * len(actors)
     buffer: dict[int, dict[str, Any]] = {}  # finished rows waiting for an earlier one
@@ -151,7 +180,7 @@ def _drive(ray, actors: list, jobs: list, done: int, out: IO[str], bar, source: 
         nonlocal nxt
         while failed is None and nxt < len(jobs) and nxt < written + window:
             a = min(range(len(actors)), key=queued.__getitem__)
-            if queued[a] >= PER_ACTOR_QUEUE:
+            if queued[a] >= per_actor:
                 return
             job = jobs[nxt]
             pending[actors[a].answer.remote(nxt, job.lineno, job.row)] = a

@@ -23,7 +23,7 @@ def run_batch(input: Path, output: Path, base: Settings, spec: AlignerSpec, *, r
     building its own aligner from ``spec``, with the same output row for row.  ``build`` is how the
     serial runner gets its aligner (default ``spec.build``; ``dealign eval`` passes a memoised one so
     that its fluency judge can fall back on the same model).  ``batch_size``: rows searched at a time
-    in lock-step on the one process (``Aligner.map_batched``).  Nothing is loaded when every row is done."""
+    in lock-step on the one process (``Aligner.map_batched``) or in each Ray actor.  Nothing is loaded when every row is done."""
     if input.resolve() == output.resolve():
         raise UsageError("--output must be a different file from --input")
     jobs = read_jobs(input, base)
@@ -36,14 +36,11 @@ def run_batch(input: Path, output: Path, base: Settings, spec: AlignerSpec, *, r
     if workers < 1:
         raise UsageError(f"--workers must be >= 1; got {workers}")
     check_batch_size(batch_size)  # before the output is touched
-    if workers > 1 and batch_size > 1:
-        raise UsageError("--batch-size and --workers do not combine yet (Ray actors answer one row at a time); "
-                         "give one of them")
     if workers > 1:
         require_ray()  # before the output is touched
     with open(output, "a" if done else "w", encoding="utf-8") as out:  # opened first: fail before the load
         if workers > 1:
-            run_sharded(jobs, done, out, base, spec, workers, input.name)
+            run_sharded(jobs, done, out, base, spec, workers, input.name, batch_size=batch_size)
         else:
             run_serial(jobs, done, out, (build or spec.build)(), input.name, batch_size)
     return len(jobs) - done
