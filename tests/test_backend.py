@@ -63,6 +63,41 @@ def test_prefill_encodes_the_prompt_once(fast, tiny_model, prompt_ids):
     torch.testing.assert_close(beam.next_logprobs.exp().sum(-1), torch.ones(1), atol=1e-4, rtol=0)
 
 
+def test_a_prompt_that_starts_like_a_cached_one_feeds_only_its_rest(tiny_model, tiny_tokenizer):
+    """The prefix cache: an exact repeat costs no forward, a shared opening is not re-read, and the
+    beams (and what is decoded from them) are those of a backend without the cache."""
+    plain = HFBackend(tiny_model, tiny_tokenizer)
+    assert plain.prefixes is None  # off unless asked for: a library call's answer never depends on earlier ones
+    cached = plain.with_prefix_cache(64)
+    enc = lambda t: tiny_tokenizer.encode(t)  # noqa: E731
+    a = enc("the dog runs on the beach with a ball and the cat sleeps")
+    b = enc("the dog runs on the beach with a ball and a man throws it")
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert common >= 8
+    cached.prefill(a)
+    before = cached.counters.snapshot()
+    beam_b = cached.prefill(b)
+    assert cached.counters.tokens_processed - before["tokens_processed"] == len(b) - common
+    beam_a = cached.prefill(a)
+    assert cached.counters.tokens_processed - before["tokens_processed"] == len(b) - common  # a repeat: no forward
+    assert cached.prefixes.hits == 2 and cached.prefixes.tokens_saved == common + len(a)
+    many = cached.prefill_many([b, enc("children sit"), a])  # hit, miss, hit in one beam
+    for got, ids in ((beam_b, [b]), (beam_a, [a]), (many, [b, enc("children sit"), a])):
+        want = plain.prefill_many(ids) if len(ids) > 1 else plain.prefill(ids[0])
+        torch.testing.assert_close(got.next_logprobs, want.next_logprobs, atol=1e-5, rtol=1e-5)
+        rows = list(range(len(ids)))
+        forced = got.next_logprobs.argmax(-1)[:, None]
+        assert_same_rollout(cached.rollout(got, rows, forced, 4), plain.rollout(want, rows, forced, 4))
+
+
+def test_the_prefix_cache_stays_within_its_bytes(tiny_model, tiny_tokenizer):
+    backend = HFBackend(tiny_model, tiny_tokenizer, prefix_cache_mb=0.02)
+    for word in ("dog", "cat", "ball", "man", "sea", "sun", "tree", "car"):
+        backend.prefill(tiny_tokenizer.encode(f"a {word} " * 6))
+    assert 0 < len(backend.prefixes) < 8
+    assert backend.prefixes.nbytes <= 0.02 * 2**20
+
+
 def test_prefill_rejects_an_empty_prompt(fast, naive):
     for backend in (fast, naive):
         with pytest.raises(ValueError, match="no tokens"):

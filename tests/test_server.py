@@ -84,6 +84,7 @@ def test_models_and_health(server, client):
     assert client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["waiting"] == 0
+    assert set(health["prefix_cache"]) == {"hits", "misses", "tokens_saved", "mib"}
 
 
 def test_plain_completion_is_greedy_decoding(client, tiny_aligner):
@@ -541,5 +542,37 @@ def test_concurrent_requests_share_the_search_steps(tiny_model, tiny_tokenizer):
         assert [r.status_code for _, r in results] == [200, 200]
         assert [got[p] for p in prompts] == alone
         assert httpx.post(srv.url + "/v1/completions", json={**body, "prompt": prompts[0]}).json()["choices"][0]["text"] == alone[0]
+        assert httpx.get(srv.url + "/health").json()["prefix_cache"]["hits"] > 0  # the prompts were read before
     finally:
         srv.stop()
+
+
+def test_with_a_remote_engine_concurrent_requests_search_side_by_side(tiny_model, tiny_tokenizer):
+    """Over an engine the searches run at once (the engine sees their requests overlap), each with
+    its own answer and its own request counts."""
+    from dealign import Aligner
+    from fake_vllm import FakeVLLM  # noqa: E402
+
+    with FakeVLLM(tiny_model, tiny_tokenizer) as engine:
+        aligner = Aligner.from_remote(engine.url, dialect="vllm", tokenizer=tiny_tokenizer, top_n=6)
+        body = {"model": MODEL, "max_tokens": 6, "alignment": {"strategy": "deal", "beam": 2, "topk": 3, "lookahead": 2}}
+        prompts = ["the dog", "a man throws the ball to his"]
+        alone = [aligner.generate(p, strategy="deal", beam=2, topk=3, lookahead=2, max_new_tokens=6) for p in prompts]
+        srv = LoopbackServer(create_app(aligner, ServerLimits(max_tokens=24, max_batch=4), model_name=MODEL))
+        try:
+            engine.delay, engine.max_in_flight = 0.05, 0
+            results: dict = {}
+            threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, httpx.post(
+                srv.url + "/v1/completions", json={**body, "prompt": p}, timeout=60))) for p in prompts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            engine.delay = 0.0
+            srv.stop()
+        for p, a in zip(prompts, alone):
+            r = results[p].json()
+            assert results[p].status_code == 200 and r["choices"][0]["text"] == a.text
+            assert r["alignment"]["stats"]["requests"] == a.stats["requests"]  # its own, not both searches'
+        assert engine.max_in_flight > max(2 * 3, 1)  # more than one search's beam x topk in flight at once

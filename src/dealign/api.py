@@ -242,6 +242,24 @@ class Aligner:
         lock = Lockstep(batch_size)
         yield from lock.map((lambda item=item: fn(self.lane(lock), item)) for item in items)
 
+    def fork(self) -> "Aligner":
+        """An aligner of its own on the same ``thread_safe`` backend (a remote engine), for one of
+        several searches running at once in their own threads; its counters are its own."""
+        al = copy.copy(self)
+        al.backend = self.backend.with_own_counters()
+        al.draft = self.draft.with_own_counters() if self.draft is not None else None
+        return al
+
+    def with_prefix_cache(self, mb: float) -> "Aligner":
+        """This aligner on a backend that keeps ``mb`` MiB of recent prompts' caches (a server's: a
+        prompt that opens like an earlier one reads only its rest); itself where the backend keeps
+        none (a remote engine caches prefixes on its own)."""
+        if not mb or not hasattr(self.backend, "with_prefix_cache"):
+            return self
+        al = copy.copy(self)
+        al.backend = self.backend.with_prefix_cache(mb)
+        return al
+
     def lane(self, lock: Lockstep) -> "Aligner":
         """An aligner of its own for one search of ``lock``'s batch: same model, tokenizer and
         defaults, its forward passes joining the batch's (its counters are its own)."""

@@ -18,6 +18,8 @@ can implement the same three calls with token-id prompts and top-k log-probabili
 
 from __future__ import annotations
 
+import copy
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -143,6 +145,18 @@ class Backend(ABC):
     eos_ids: frozenset[int]
     vocab_size: int
     counters: Counters
+    # ``rollout_group`` stacks the rows of several calls in one forward pass (so batching searches in
+    # lock-step pays); without it the calls of a group run one after another
+    stacks_rows: bool = False
+    # several searches may call it at once from their own threads (a remote engine batches them)
+    thread_safe: bool = False
+
+    def with_own_counters(self) -> "Backend":
+        """The same backend, counting one search's work apart (for concurrent searches on a
+        ``thread_safe`` backend: each reports its own forward passes / requests)."""
+        other = copy.copy(self)
+        other.counters = type(self.counters)()
+        return other
 
     @abstractmethod
     def prefill(self, ids: Sequence[int]) -> Beam: ...

@@ -18,6 +18,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .base import Backend, Beam, Counters, Prefill, Rollout, RolloutCall, Sampler, eos_ids_of
+from .prefix_cache import PrefixCache
+
+# a cached prefix shorter than this is not worth a forward of its own next to the padded batch
+MIN_PREFIX = 8
 
 
 def fork_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
@@ -28,31 +32,77 @@ def fork_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
     return new
 
 
-@dataclass
 class _Cache:
-    """A beam's keys/values and, when its rows hold prompts of different lengths, each row's left
-    padding (``None`` when no row is padded: the plain causal path, bit for bit as before)."""
+    """A beam's keys/values: rows ``index`` and columns ``start:end`` of ``base``, read lazily, and,
+    when its rows hold prompts of different lengths, each row's left padding (``None`` when no row is
+    padded: the plain causal path, bit for bit as before).
 
-    kv: DynamicCache
-    pads: torch.Tensor | None = None  # [rows], long
+    Why lazy: a commit picks a few rows of a rollout's cache and the next rollout (or, batched, the
+    merge of several searches' beams) copies rows again; with the pick recorded instead of copied,
+    each step copies every row once (``kv`` or ``merge_caches``), not twice."""
+
+    def __init__(self, base: DynamicCache, pads: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                 start: int = 0, end: int | None = None) -> None:
+        self.base, self.pads, self.index, self.start = base, pads, index, start
+        self.end = base.get_seq_length() if end is None else end
+        self._kv: DynamicCache | None = base if index is None and start == 0 and end is None else None
+
+    @property
+    def kv(self) -> DynamicCache:
+        """The cache itself (the rows and columns copied out of ``base`` at the first use)."""
+        if self._kv is None:
+            index = self.index if self.index is not None else torch.arange(self.base_rows, device=_device(self.base))
+            kv = fork_cache(self.base, index)
+            if self.end < self.base.get_seq_length():
+                kv.crop(self.end - self.base.get_seq_length())
+            if self.start:
+                for layer in kv.layers:
+                    layer.keys, layer.values = layer.keys[:, :, self.start:], layer.values[:, :, self.start:]
+            self._kv = kv
+        return self._kv
+
+    @property
+    def base_rows(self) -> int:
+        return self.base.layers[0].keys.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
 
     def select(self, index: torch.Tensor) -> "_Cache":
-        """The rows ``index`` (repeats allowed) as a new cache; columns that every chosen row pads are
+        """The rows ``index`` (repeats allowed), not copied yet; columns that every chosen row pads are
         dropped, so a row that leaves a batch of longer prompts is back on the plain path."""
-        if self.pads is None:
-            return _Cache(fork_cache(self.kv, index))
-        pads = self.pads[index.cpu()]
-        kv = fork_cache(self.kv, index)
+        rows = self.index[index] if self.index is not None else index
+        if self._kv is not None and self._kv is not self.base:  # already copied out: index the copy
+            return _Cache(self._kv, None, index, 0, None).with_pads(self.pads, index)
+        return _Cache(self.base, None, rows, self.start, self.end).with_pads(self.pads, index)
+
+    def with_pads(self, pads: torch.Tensor | None, index: torch.Tensor) -> "_Cache":
+        if pads is None:
+            return self
+        pads = pads[index.cpu()]
         cut = int(pads.min())
-        if cut and _mergeable(kv):
-            for layer in kv.layers:
-                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+        if cut and _mergeable(self.base):
+            self.start += cut
             pads = pads - cut
-        return _Cache(kv, pads if bool(pads.any()) else None)
+        self.pads = pads if bool(pads.any()) else None
+        return self
+
+    def cropped(self, drop: int) -> "_Cache":
+        """The same rows without their last ``drop`` columns (not copied)."""
+        if drop <= 0:
+            return self
+        if self._kv is not None and self._kv is not self.base:
+            return _Cache(self._kv, self.pads, None, 0, self._kv.get_seq_length() - drop)
+        return _Cache(self.base, self.pads, self.index, self.start, self.end - drop)
 
     @property
     def rows(self) -> int:
-        return self.kv.layers[0].keys.shape[0]
+        return len(self.index) if self.index is not None else self.base_rows
+
+
+def _device(kv: DynamicCache) -> torch.device:
+    return kv.layers[0].keys.device
 
 
 def _mergeable(kv: DynamicCache) -> bool:
@@ -64,23 +114,31 @@ def _mergeable(kv: DynamicCache) -> bool:
 def merge_caches(caches: Sequence[_Cache], index: Sequence[torch.Tensor]) -> _Cache:
     """One cache holding rows ``index[i]`` of ``caches[i]``, in order: each narrower one left-padded
     with masked columns to the widest, its pads raised by as many, so every row still attends to
-    (and is positioned by) exactly its own tokens.  Each row is copied once, into place."""
-    widths = [c.kv.get_seq_length() for c in caches]
+    (and is positioned by) exactly its own tokens.  Each row is copied once, into place, straight
+    from the cache it lives in (a lazy ``_Cache``'s base)."""
+    widths = [c.width for c in caches]
     width = max(widths)
     rows = [len(i) for i in index]
-    kv = copy.copy(caches[0].kv)
-    kv.layers = [copy.copy(layer) for layer in caches[0].kv.layers]
+    first = caches[0].base
+    kv = copy.copy(first)
+    kv.layers = [copy.copy(layer) for layer in first.layers]
+    sources = []
+    for c, idx in zip(caches, index):
+        if c._kv is not None and c._kv is not c.base:
+            sources.append((c._kv, idx, 0, c._kv.get_seq_length()))
+        else:
+            sources.append((c.base, c.index[idx] if c.index is not None else idx, c.start, c.end))
     for n, layer in enumerate(kv.layers):
         for name in ("keys", "values"):
-            like = getattr(caches[0].kv.layers[n], name)
+            like = getattr(first.layers[n], name)
             out = like.new_zeros((sum(rows), like.shape[1], width, like.shape[3]))
             lo = 0
-            for c, idx, w, r in zip(caches, index, widths, rows):
-                src = getattr(c.kv.layers[n], name)
-                if w == width:
+            for (base, idx, start, end), w, r in zip(sources, widths, rows):
+                src = getattr(base.layers[n], name)
+                if start == 0 and end == src.shape[2] and w == width:
                     torch.index_select(src, 0, idx, out=out[lo:lo + r])
                 else:
-                    out[lo:lo + r, :, width - w:] = src.index_select(0, idx)
+                    out[lo:lo + r, :, width - w:] = src[:, :, start:end].index_select(0, idx)
                 lo += r
             setattr(layer, name, out)
     pads = torch.cat([(c.pads[idx.cpu()] if c.pads is not None else torch.zeros(len(idx), dtype=torch.long)) + (width - w)
@@ -115,7 +173,9 @@ class _Picker:
 class HFBackend(Backend):
     """Drives a ``transformers`` causal LM (any ``AutoModelForCausalLM``) and its tokenizer."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str = "model") -> None:
+    stacks_rows = True
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "model", prefix_cache_mb: float = 0.0) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -132,6 +192,20 @@ class HFBackend(Backend):
         # what one forward pass costs beyond its rows, in rows: a CPU pays per row early (one cached
         # SmolLM2 step: 39 ms at 1 row, 96 at 32), an accelerator hardly at all into the hundreds
         self.pass_cost_rows = 24.0 if self.device.type == "cpu" else 512.0
+        # recent prompts' caches (``prefix_cache.py``), None when off: off by default, since a prompt
+        # read from a cached prefix may differ from a fresh read by float noise, and a library call's
+        # answer must not depend on what the process read before; the server turns it on
+        # (``with_prefix_cache``).  Unused for caches that cannot be cropped and stacked
+        # (sliding-window, quantised layers), found at the first prefill.
+        self.prefixes: PrefixCache | None = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self._plain_cache: bool | None = None
+
+    def with_prefix_cache(self, mb: float) -> "HFBackend":
+        """This backend (same model, counters of its own) keeping up to ``mb`` MiB of recent prompts'
+        caches, so a prompt that opens like one read before feeds only its rest."""
+        other = self.with_own_counters()
+        other.prefixes = PrefixCache(int(mb * 2**20)) if mb else None
+        return other
 
     # model access --------------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, cache: _Cache | None, pads: torch.Tensor | None = None) -> tuple[torch.Tensor, _Cache]:
@@ -164,18 +238,73 @@ class HFBackend(Backend):
     def prefill(self, ids: Sequence[int]) -> Beam:
         if len(ids) == 0:
             raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
-        logprobs, cache = self._forward(torch.tensor([list(ids)], dtype=torch.long), None)
-        return Beam(ids=[list(ids)], next_logprobs=logprobs[:, -1], state=cache)
+        return self._prefill_rows([list(ids)])
 
     @torch.inference_mode()
     def prefill_many(self, prompts: Sequence[Sequence[int]]) -> Beam:
         if not prompts or any(len(ids) == 0 for ids in prompts):
             raise ValueError("every prompt must encode to at least one token")
+        return self._prefill_rows([list(ids) for ids in prompts])
+
+    def _prefill_padded(self, prompts: list[list[int]]) -> Beam:
+        """One forward over ``prompts``, shorter ones left-padded and masked."""
         width = max(len(ids) for ids in prompts)
         pads = torch.tensor([width - len(ids) for ids in prompts], dtype=torch.long)
         tokens = torch.tensor([[self._pad] * (width - len(ids)) + list(ids) for ids in prompts], dtype=torch.long)
         logprobs, cache = self._forward(tokens, None, pads if bool(pads.any()) else None)
+        if self._plain_cache is None:
+            self._plain_cache = _mergeable(cache.kv)
         return Beam(ids=[list(ids) for ids in prompts], next_logprobs=logprobs[:, -1], state=cache)
+
+    def _prefill_rows(self, prompts: list[list[int]]) -> Beam:
+        """A beam whose row i has read ``prompts[i]``: a prompt seen before is its cached cache, one
+        that starts like a cached one (``MIN_PREFIX`` tokens or more) feeds only its rest, and the
+        others share one padded forward.  Each new prompt's cache is kept for later."""
+        if self.prefixes is None or self._plain_cache is False:
+            return self._prefill_padded(prompts)
+        rows: list[tuple[_Cache, torch.Tensor] | None] = [None] * len(prompts)
+        misses = []
+        for i, ids in enumerate(prompts):
+            entry, common = self.prefixes.longest(ids)
+            if entry is not None and common == len(ids) == len(entry.ids):
+                rows[i] = (entry.cache, entry.next_logprobs)
+            elif entry is not None and common >= MIN_PREFIX:
+                common = min(common, len(ids) - 1)  # feed one token at least: its log-probs are the beam's
+                cache = entry.cache.select(torch.zeros(1, dtype=torch.long, device=self.device))
+                cache = cache.cropped(len(entry.ids) - common)
+                logprobs, cache = self._forward(torch.tensor([ids[common:]], dtype=torch.long), cache)
+                rows[i] = (cache, logprobs[:, -1])
+                self._keep(ids, *rows[i])
+            else:
+                misses.append(i)
+                continue
+            self.prefixes.hits += 1
+            self.prefixes.tokens_saved += common
+        if misses:
+            beam = self._prefill_padded([prompts[i] for i in misses])
+            if not self._plain_cache:
+                return self._prefill_padded(prompts) if len(misses) < len(prompts) else beam
+            if len(prompts) == 1:
+                self._keep(prompts[0], beam.state, beam.next_logprobs)
+                self.prefixes.misses += 1
+                return beam
+            for j, i in enumerate(misses):
+                row = beam.state.select(torch.tensor([j], device=self.device)) if len(misses) > 1 else beam.state
+                rows[i] = (row, beam.next_logprobs[j:j + 1])
+                self._keep(prompts[i], *rows[i])
+            self.prefixes.misses += len(misses)
+        caches = [c for c, _ in rows]  # type: ignore[misc]
+        next_lp = torch.cat([lp for _, lp in rows])  # type: ignore[misc]
+        if len(prompts) == 1:
+            return Beam(ids=[list(prompts[0])], next_logprobs=next_lp, state=caches[0])
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        return Beam(ids=[list(ids) for ids in prompts], next_logprobs=next_lp,
+                    state=merge_caches(caches, [zero] * len(caches)))
+
+    def _keep(self, ids: list[int], cache: _Cache, next_logprobs: torch.Tensor) -> None:
+        compact = _Cache(cache.kv, cache.pads)  # its own rows only, not the batch it was read with
+        nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in compact.kv.layers)
+        self.prefixes.add(ids, compact, next_logprobs, nbytes)
 
     @torch.inference_mode()
     def rollout(
@@ -214,7 +343,7 @@ class HFBackend(Backend):
         index = [p.to(self.device) for p in parents]
         if len(calls) == 1:
             cache = first.beam.state.select(index[0])
-        elif all(_mergeable(c.beam.state.kv) for c in calls):
+        elif all(_mergeable(c.beam.state.base) for c in calls):
             cache = merge_caches([c.beam.state for c in calls], index)
         else:  # e.g. sliding-window layers: one at a time
             return [self.rollout_group([c])[0] for c in calls]
@@ -311,13 +440,13 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def prefill_group(self, calls: Sequence[Prefill]) -> list[Beam]:
-        """Several searches' prefills in one forward: every prompt a row, split back into one beam
-        per call (each row's padding dropped again by ``_Cache.select``)."""
+        """Several searches' prefills in one forward: every prompt a row (a cached one read from the
+        prefix cache), split back into one beam per call (each row's padding dropped again by
+        ``_Cache.select``)."""
         if len(calls) == 1:
             c = calls[0]
             return [self.prefill_many(c.prompts) if c.many else self.prefill(c.prompts[0])]
-        flat = [ids for c in calls for ids in c.prompts]
-        beam = self.prefill_many(flat)
+        beam = self._prefill_rows([list(ids) for c in calls for ids in c.prompts])
         out, lo = [], 0
         for c in calls:
             index = torch.arange(lo, lo + len(c.prompts))
@@ -332,10 +461,8 @@ class HFBackend(Backend):
         if not 1 <= keep <= rollout.n_fed:
             raise ValueError(f"cannot keep {keep} tokens of a rollout that fed {rollout.n_fed}")
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        cache = st.cache.select((index + st.offset).to(self.device))
         fed = max(st.fed, rollout.n_fed)
-        if keep < fed:
-            cache.kv.crop(-(fed - keep))
+        cache = st.cache.select((index + st.offset).to(self.device)).cropped(fed - keep)
         ids = [st.base_ids[r] + rollout.tokens[r, :keep].tolist() for r in rows]
         return Beam(ids=ids, next_logprobs=st.position_logprobs[keep - 1][index], state=cache)
 
@@ -351,6 +478,7 @@ class NaiveHFBackend(HFBackend):
     rows one at a time.  Same contract and (up to float noise) the same numbers as ``HFBackend``;
     kept for tests and the benchmark, not offered to users."""
 
+    stacks_rows = False
     rollout_group = Backend.rollout_group  # the oracle runs every call on its own
     prefill_group = Backend.prefill_group
 

@@ -191,8 +191,12 @@ class RemoteBackend(Backend):
     ``tokenizer`` must be the engine's model's tokenizer (the chat template is applied with it and
     answers are decoded with it).  ``top_n`` is how many log-probabilities each position returns: it
     must be at least the search's ``topk`` (and ``beam`` for beam search).  ``concurrency`` bounds
-    the requests in flight; give the engine as many parallel slots (llama.cpp ``-np``).
+    the requests in flight; give the engine as many parallel slots (llama.cpp ``-np``).  Several
+    searches may share it from their own threads (``with_own_counters`` each): the engine batches
+    their requests.
     """
+
+    thread_safe = True
 
     def __init__(self, url: str, tokenizer: Any, *, dialect: str = "llamacpp", model: str | None = None,
                  top_n: int = 20, concurrency: int = 16, timeout: float = 300.0, eos_ids: Sequence[int] | None = None,

@@ -447,6 +447,7 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a request may take from arrival, queue included (then 503).", rich_help_panel=_L)] = _SL.timeout,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait while --max-batch run (then 429).", rich_help_panel=_L)] = _SL.queue_size,
     max_batch: Annotated[int, typer.Option(help="Requests searching together: a request that arrives joins the running batch at the next step (1: one at a time).", rich_help_panel=_L)] = _SL.max_batch,
+    prefix_cache_mb: Annotated[float, typer.Option(help="MiB of recent prompts' KV caches kept, so a prompt that opens like an earlier one (chat template, instruction) reads only its rest (0: off).", rich_help_panel=_V)] = _SL.prefix_cache_mb,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (then 413).", rich_help_panel=_L)] = _SL.max_body_bytes,
     max_connections: Annotated[int, typer.Option(help="Open connections uvicorn accepts (then 503).", rich_help_panel=_L)] = _SL.max_connections,
     allow_regex: Annotated[bool, typer.Option("--allow-regex/--no-allow-regex", help="Accept must_match / must_not_match (they run the client's regular expressions).", rich_help_panel=_L)] = _SL.allow_regex,
@@ -459,7 +460,8 @@ def serve(
         except ImportError as exc:
             raise ModelLoadError(f"dealign serve needs FastAPI and uvicorn ({exc}); run `pip install 'dealign[server]'`") from None
         limits = ServerLimits(max_tokens=max_tokens, max_candidates=max_candidates, max_prompt_tokens=max_prompt_tokens,
-                              timeout=timeout, queue_size=queue_size, max_batch=max_batch, max_body_bytes=max_body_bytes,
+                              timeout=timeout, queue_size=queue_size, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb,
+                              max_body_bytes=max_body_bytes,
                               max_connections=max_connections, allow_regex=allow_regex, rewards=rewards)
         limits.offered_rewards()  # an unknown name fails here, before the model loads
         check_address(host, port)  # and so does a port in use

@@ -19,6 +19,7 @@ class ServerLimits:
     timeout: float = 60.0  # seconds from arrival to answer, queue included (--timeout)
     queue_size: int = 16  # requests waiting while max_batch run; beyond: 429 (--queue-size)
     max_batch: int = 1  # requests searching together, batched step by step (--max-batch); 1: one at a time (see docs/serving.md)
+    prefix_cache_mb: float = 64.0  # recent prompts' KV caches kept, so a shared opening is read once (--prefix-cache-mb; 0: off)
     max_body_bytes: int = 1_000_000  # request body (--max-body-bytes)
     max_connections: int = 64  # open connections; beyond: 503 from uvicorn (--max-connections)
     allow_regex: bool = True  # must_match / must_not_match run the client's regular expressions (--allow-regex)
@@ -29,7 +30,7 @@ class ServerLimits:
             value = getattr(self, f.name)
             if f.name in ("allow_regex", "rewards"):
                 continue
-            minimum = 0 if f.name == "queue_size" else 1
+            minimum = 0 if f.name in ("queue_size", "prefix_cache_mb") else 1
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
                 flag = "--" + f.name.replace("_", "-")
                 raise ValueError(f"{flag} must be a number >= {minimum}; got {value!r}")

@@ -10,6 +10,9 @@ time limit counts from its arrival: one still queued at its deadline is answered
 the worker; one running is stopped at the next search step through the search's ``on_commit`` hook,
 which is also how streamed text and stop sequences are produced (from the tokens the search has
 made certain) and how a client that went away stops its search.
+
+With a remote engine (a ``thread_safe`` backend that does not stack rows) the searches run side by
+side instead, each on its own ``Aligner.fork``, and the engine's own batching does the rest.
 """
 
 from __future__ import annotations
@@ -101,19 +104,25 @@ class CommittedText:
 class Worker:
     """The server's search worker: up to ``limits.max_batch`` ``Job``s searching together, the rest
     queued (not a serving engine: those are the remote backend's, ``backends/remote.py``; with one,
-    the searches run concurrently and the engine batches their requests)."""
+    the searches run concurrently, each on ``Aligner.fork``, and the engine batches their requests)."""
 
     def __init__(self, aligner: Any, limits: ServerLimits) -> None:
+        if hasattr(aligner, "with_prefix_cache"):  # a shared opening (chat template, instruction) is read once
+            aligner = aligner.with_prefix_cache(limits.prefix_cache_mb)
         self.aligner, self.limits = aligner, limits
         import torch
 
         # an aligner that cannot hand out lanes (a wrapper of one) searches one request at a time
         self.batch = limits.max_batch if hasattr(aligner, "lane") else 1
+        backend = getattr(aligner, "backend", None)
+        # a remote engine batches concurrent requests itself: its searches run side by side, each
+        # with its own counters; a local model's share forward passes in lock-step
+        self._concurrent = self.batch > 1 and getattr(backend, "thread_safe", False) and not backend.stacks_rows
         threads = torch.get_num_threads()
         self._executor = ThreadPoolExecutor(max_workers=self.batch, thread_name_prefix="dealign-search",
                                             initializer=torch.set_num_threads, initargs=(threads,))
         self._lock: Lockstep | None = None
-        if self.batch > 1:
+        if self.batch > 1 and not self._concurrent:
             self._lock = Lockstep(self.batch)
             self._lock.serve()
         self.in_flight = 0  # running + waiting; touched only on the event loop
@@ -121,11 +130,17 @@ class Worker:
         self.completed = 0
         self.refused = 0
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, Any]:
         batch = self.batch
-        return {"running": min(self.in_flight, batch), "waiting": max(self.in_flight - batch, 0),
-                "max_batch": batch, "shared_steps": self._lock.shared_steps if self._lock else 0,
-                "queue_size": self.limits.queue_size, "completed": self.completed, "refused_busy": self.refused}
+        out: dict[str, Any] = {"running": min(self.in_flight, batch), "waiting": max(self.in_flight - batch, 0),
+                               "max_batch": batch, "shared_steps": self._lock.shared_steps if self._lock else 0,
+                               "queue_size": self.limits.queue_size, "completed": self.completed,
+                               "refused_busy": self.refused}
+        prefixes = getattr(getattr(self.aligner, "backend", None), "prefixes", None)
+        if prefixes is not None:  # a local model's prompt-prefix cache (backends/prefix_cache.py)
+            out["prefix_cache"] = {"hits": prefixes.hits, "misses": prefixes.misses,
+                                   "tokens_saved": prefixes.tokens_saved, "mib": round(prefixes.nbytes / 2**20, 1)}
+        return out
 
     def submit(self, job: Job, emit: Callable[[str], None] | None = None) -> asyncio.Future:
         """Queue ``job``; ``emit(text)`` is called from the worker with each streamed delta.  Raises a
@@ -182,6 +197,8 @@ class Worker:
             return None
         if time.monotonic() > job.deadline:
             raise self.timeout_error()
+        if self._concurrent:
+            return self._search(job, emit, self.aligner.fork())
         if self._lock is None:
             return self._search(job, emit, self.aligner)
         with self._lock.member():

@@ -111,6 +111,9 @@ def run_config(aligner, bc: BenchConfig, items, max_new_tokens: int, remote=None
         backend = remote
         requests_before = remote.counters.requests
     secs, toks, fps, tps, soft, hard, fin, outs = [], [], [], [], [], [], [], []
+    prefixes = getattr(backend, "prefixes", None)
+    if prefixes is not None:  # every row reads its prompts afresh: no row gains from an earlier one's
+        prefixes.clear()
     with PeakRSS(release=True) as mem:
         for cs in items:
             ids, user = aligner.encode_prompt(cs.prompt)

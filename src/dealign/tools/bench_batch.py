@@ -53,6 +53,8 @@ def run_batch_bench(aligner: Aligner, *, prompts: int = 16, batch_sizes: Sequenc
         for bs in batch_sizes:
             passes, widest = backend.counters.forward_passes, backend.counters.rows_max
             backend.counters.rows_max = 0
+            if getattr(backend, "prefixes", None) is not None:  # each size reads the prompts afresh
+                backend.prefixes.clear()
             with PeakRSS(release=True) as mem:
                 start = time.perf_counter()
                 outs = []
