@@ -97,7 +97,8 @@ class TraceRecorder:
         self._emit({"type": "step", **step})
 
     def finish(self, best: Any, stats: Any) -> None:
-        """The answer (a ``Hypothesis``) and the cost; marks the answer's path through the steps."""
+        """The answer (a ``Hypothesis``) and the cost; ``answer["path"]`` is the answer's candidate at
+        each step it went through (the steps' dicts are never changed once recorded: they are streamed)."""
         self.begin()
         ids = list(best.token_ids)
         path = []
@@ -106,7 +107,6 @@ class TraceRecorder:
             if j is None:
                 break
             path.append(j)
-            self.steps[i]["candidates"][j]["path"] = True
         self.answer = {"text": best.text, "tokens": len(ids), "finished": bool(best.finished),
                        "logprob": _num(best.logprob), "reward": _num(best.reward),
                        "rewards": {k: _num(v) for k, v in (best.rewards or {}).items()}, "score": _num(best.score),
@@ -137,6 +137,21 @@ def sampled_steps(recorder: TraceRecorder, tokens: list[int], token_logprobs: li
                       candidates=[{"parent": 0, "token": tok, "span": [tok], "committed": [tok], "logprob": lp,
                                    "token_logprob": tlp, "rewards": {}, "reward": None, "logp_part": lp,
                                    "reward_part": None, "score": lp, "finished": i == len(tokens) - 1, "rank": 0}])
+
+
+def from_events(events: Sequence[dict]) -> dict:
+    """The trace document that ``on_event`` parts add up to (``begin``, ``step``s, ``end``); a search
+    cut short (a stop sequence) has no ``end``: its ``answer`` and ``stats`` are None."""
+    doc: dict = {"steps": [], "answer": None, "stats": None}
+    for event in events:
+        body = {k: v for k, v in event.items() if k != "type"}
+        if event["type"] == "begin":
+            doc.update(body)
+        elif event["type"] == "step":
+            doc["steps"].append(body)
+        else:
+            doc.update(body)
+    return doc
 
 
 def check(doc: Any) -> dict:
