@@ -13,11 +13,12 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -358,10 +359,26 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(aligner: Any, limits: ServerLimits, *, host: str, port: int, model_name: str,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn; at most ``limits.max_connections`` connections)."""
+          log_level: str = "info", on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the server until interrupted (uvicorn; at most ``limits.max_connections`` connections).
+    ``on_ready(url)``, if given, is called once the server answers (``port`` 0 then picks a free one)."""
     import uvicorn
 
     app = create_app(aligner, limits, model_name=model_name)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
-                timeout_keep_alive=5)
+    if on_ready is None:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
+                    timeout_keep_alive=5)
+        return
+    sock = socket.create_server((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, limit_concurrency=limits.max_connections,
+                                           timeout_keep_alive=5))
+    url = f"http://{host}:{sock.getsockname()[1]}/"
+
+    def when_started() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            on_ready(url)
+
+    threading.Thread(target=when_started, daemon=True).start()
+    server.run(sockets=[sock])
