@@ -19,7 +19,7 @@ from dealign.server import ServerLimits
 from dealign.server.app import create_app
 from dealign.settings import Settings
 
-from test_server import LoopbackServer  # noqa: E402
+from test_server import BODY, LoopbackServer, _post_later, _wait_for, gated  # noqa: E402,F401 (gated: a fixture)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
 
@@ -55,15 +55,22 @@ def server(tiny_aligner):
     srv.stop()
 
 
-@pytest.fixture
-def page(browser, server):
+def _open(browser, url: str):
+    """A page on the explorer at ``url``, once it has read the server's /health; and the list that
+    collects the errors the page raises (none is allowed)."""
     context = browser.new_context(viewport={"width": 1366, "height": 900})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.set_default_timeout(30_000)
-    pg.goto(server.url + "/")
+    pg.goto(url + "/")
     sync_api.expect(pg.locator("#model")).to_contain_text("model tiny")
+    return context, pg, errors
+
+
+@pytest.fixture
+def page(browser, server):
+    context, pg, errors = _open(browser, server.url)
     yield pg
     context.close()
     assert not errors, f"the page raised: {errors}"
@@ -131,6 +138,36 @@ def test_server_errors_are_shown_in_words(page, tmp_path):
     page.click("#run")
     expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
     expect(error).to_be_hidden()
+
+
+def test_a_busy_server_and_the_time_limit_are_shown_in_words(browser, gated, tmp_path):
+    expect = sync_api.expect
+    (srv, aligner), results = gated, []
+    context, pg, errors = _open(browser, srv.url)
+    try:
+        _fill(pg, FORM)
+        aligner.gate.clear()  # one search holds the worker and one waits: the queue (1) is full
+        threads = [_post_later(srv.url, BODY, results)]
+        _wait_for(srv.url, 1, 0)
+        threads.append(_post_later(srv.url, BODY, results))
+        _wait_for(srv.url, 1, 1)
+        pg.click("#run")
+        expect(pg.locator("#error")).to_contain_text("The server is busy (HTTP 429)")
+        expect(pg.locator("#error")).to_contain_text("retry shortly")
+        expect(pg.locator("#run")).to_be_enabled()
+        aligner.gate.set()
+        for t in threads:
+            t.join(30)
+        aligner.delay = 0.4  # each step 0.4 s: 8 tokens run past the 1.5 s time limit
+        pg.click("#run")
+        expect(pg.locator("#error")).to_contain_text("The server could not answer in time (HTTP 503)", timeout=20_000)
+        expect(pg.locator("#error")).to_contain_text("time limit")
+        pg.screenshot(path=str(tmp_path / "explorer-timeout.png"), full_page=True)
+    finally:
+        aligner.gate.set()
+        aligner.delay = 0.0
+        context.close()
+    assert not errors, f"the page raised: {errors}"
 
 
 def test_a_trace_file_opens_and_its_text_is_never_html(page, tiny_aligner, tmp_path):

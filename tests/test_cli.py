@@ -310,3 +310,22 @@ def test_python_dash_m_end_to_end(tiny_model_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["strategy"] == "deal"
+
+
+def test_dealign_explore_serves_the_page_on_a_free_port(tiny_model_dir):
+    """The real command: the model loads, a free port is picked, the address is printed, the page answers."""
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dealign", "explore", "--no-browser", "--model", str(tiny_model_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # blocks until the server answers (or the command fails: "")
+        assert line.startswith("the explorer is at http://127.0.0.1:"), line
+        url = line.split()[4]
+        page = httpx.get(url, timeout=10)
+        assert page.status_code == 200 and "dealign explorer" in page.text
+        assert httpx.get(url + "health", timeout=10).json()["limits"]["timeout"] == 600
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

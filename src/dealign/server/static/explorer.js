@@ -40,7 +40,7 @@ function svg(tag, attrs, text) {
 }
 const clear = (node) => node.replaceChildren();
 const fmt = (x, d = 2) => (x === null || x === undefined || Number.isNaN(x)) ? "–" : Number(x).toFixed(d);
-const vis = (s) => (s || "").replace(/\n/g, "⏎");  // a newline stays visible in one-line cells
+const vis = (s) => (s || "").replace(/\n/g, "⏎").replace(/\t/g, "⇥");  // newlines and tabs stay visible in one-line cells
 function tail(s, n) { s = vis(s); return s.length > n ? "…" + s.slice(s.length - n) : s; }
 
 // errors and status --------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ function rewardFields() {
 function request(alignment, stream) {
   return {model: S.health ? S.health.model : "model", stream,
           messages: [{role: "user", content: $("prompt").value}],
-          max_tokens: num("max-tokens") ?? 32, alignment: {...rewardFields(), ...alignment, trace: true}};
+          max_tokens: num("max-tokens") ?? 32, alignment: {...rewardFields(), ...alignment}};
 }
 
 function dealSettings() {
@@ -114,13 +114,13 @@ async function run(event) {
   renderAll();
   try {
     say("Running greedy…");
-    const g = await post(request({strategy: "greedy"}, false), controller);
+    const g = await post(request({strategy: "greedy"}, false), controller);  // its answer and cost, no trace
     if (!g) return;
     const body = await g.json();
     S.greedy = {text: body.choices[0].message.content, alignment: body.alignment};
     renderAnswers();
     say("Running DeAL… the steps appear below as the search makes them.");
-    const d = await post(request(dealSettings(), true), controller);
+    const d = await post(request({...dealSettings(), trace: true}, true), controller);
     if (!d) return;
     await readStream(d);
   } catch (e) {
@@ -370,13 +370,13 @@ function renderStep() {
       const cls = c.path ? "path kept" : c.kept ? "kept" : "cut";
       body.append(el("tr", {class: cls},
         el("td", {text: c.rank === null || c.rank === undefined ? "–" : String(c.rank + 1)}),
-        el("td", {class: "tok", text: JSON.stringify(c.text).slice(1, -1)}),
+        el("td", {class: "tok", title: c.text, text: vis(c.text)}),
         el("td", {class: "look", title: c.lookahead, text: vis(c.lookahead)}),
         el("td", {text: fmt(c.token_logprob)}),
         ...rewardCols.map((k) => el("td", {text: fmt((c.rewards || {})[k])})),
         el("td", {text: fmt(c.reward)}), el("td", {text: fmt(c.logp_part)}), el("td", {text: fmt(c.reward_part)}),
         el("td", {text: fmt(c.score)}),
-        el("td", {class: "status", text: c.path ? "answer's path" : c.kept ? (c.finished ? "kept (finished)" : "kept") : "cut"})));
+        el("td", {class: "status", text: c.path ? "answer" : c.kept ? (c.finished ? "kept, done" : "kept") : "cut"})));
     }
     details.append(el("div", {class: "table-wrap"}, el("table", {class: "cands" + (hideCut ? " hide-cut" : "")}, el("thead", {}, head), body)));
     view.append(details);
