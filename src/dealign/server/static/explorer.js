@@ -45,9 +45,10 @@ function tail(s, n) { s = vis(s); return s.length > n ? "…" + s.slice(s.length
 
 // errors and status --------------------------------------------------------------------------------
 function showError(title, detail) {
+  // every error of a run is listed (greedy's and DeAL's may differ); a new run clears them
   const box = $("error");
-  clear(box);
-  box.append(el("strong", {text: title}), detail || "");
+  const item = el("div", {class: "error-item"}, el("strong", {text: title}), detail || "");
+  if (![...box.children].some((old) => old.textContent === item.textContent)) box.append(item);
   box.hidden = false;
 }
 function hideError() { $("error").hidden = true; clear($("error")); }
@@ -113,16 +114,20 @@ async function run(event) {
   $("follow").checked = true;
   renderAll();
   try {
-    say("Running greedy…");
-    const g = await post(request({strategy: "greedy"}, false), controller);  // its answer and cost, no trace
-    if (!g) return;
-    const body = await g.json();
-    S.greedy = {text: body.choices[0].message.content, alignment: body.alignment};
-    renderAnswers();
-    say("Running DeAL… the steps appear below as the search makes them.");
-    const d = await post(request({...dealSettings(), trace: true}, true), controller);
-    if (!d) return;
-    await readStream(d);
+    // both requests go at once, so the server checks both settings before either search runs; it runs
+    // them one after the other (or together, with --max-batch)
+    say("Running greedy and DeAL… the steps appear below as the search makes them.");
+    const greedy = post(request({strategy: "greedy"}, false), controller, "Greedy")  // its answer and cost, no trace
+      .then(async (g) => {
+        if (!g) return;
+        const body = await g.json();
+        S.greedy = {text: body.choices[0].message.content, alignment: body.alignment};
+        renderAnswers();
+      });
+    greedy.catch(() => {});  // handled below; this only keeps a failure meanwhile from counting as unhandled
+    const d = await post(request({...dealSettings(), trace: true}, true), controller, "DeAL");
+    if (!d) { controller.abort(); await greedy.catch(() => {}); return; }
+    await Promise.all([greedy, readStream(d)]);
   } catch (e) {
     if (e.name === "AbortError") say("Stopped.");
     else showError("Could not reach the server", String(e.message || e));
@@ -134,12 +139,12 @@ async function run(event) {
   }
 }
 
-async function post(body, controller) {
+async function post(body, controller, who) {
   const response = await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
                                                         body: JSON.stringify(body), signal: controller.signal});
   if (!response.ok) {
     const [title, message] = await errorOf(response);
-    showError(title, message);
+    showError(`${who}: ${title}`, message);
     say("The run stopped on an error.");
     return null;
   }
@@ -170,7 +175,7 @@ async function readStream(response) {
 
 function onChunk(chunk) {
   if (chunk.error) {
-    showError("The search stopped on an error", chunk.error.message || JSON.stringify(chunk.error));
+    showError("DeAL: the search stopped on an error", chunk.error.message || JSON.stringify(chunk.error));
     say("The run stopped on an error.");
     return;
   }
