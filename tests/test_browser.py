@@ -170,6 +170,27 @@ def test_a_busy_server_and_the_time_limit_are_shown_in_words(browser, gated, tmp
     assert not errors, f"the page raised: {errors}"
 
 
+def test_stop_cancels_the_run(browser, gated):
+    expect = sync_api.expect
+    (srv, aligner) = gated
+    context, pg, errors = _open(browser, srv.url)
+    try:
+        _fill(pg, FORM)
+        aligner.gate.clear()  # the searches wait: the run is in flight until stopped
+        pg.click("#run")
+        expect(pg.locator("#stop")).to_be_enabled()
+        _wait_for(srv.url, 1, 1)
+        pg.click("#stop")
+        expect(pg.locator("#status")).to_have_text("Stopped.")
+        expect(pg.locator("#run")).to_be_enabled()
+        expect(pg.locator("#stop")).to_be_disabled()
+        expect(pg.locator("#error")).to_be_hidden()
+    finally:
+        aligner.gate.set()
+        context.close()
+    assert not errors, f"the page raised: {errors}"
+
+
 def test_a_trace_file_opens_and_its_text_is_never_html(page, tiny_aligner, tmp_path):
     expect = sync_api.expect
     doc = tiny_aligner.generate(PROMPT, beam=2, topk=3, lookahead=1, max_new_tokens=4, trace=True).trace
