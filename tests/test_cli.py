@@ -131,6 +131,48 @@ def test_explain_with_json_keeps_stdout_parseable(cli):
     assert "search statistics" in result.stderr
 
 
+def test_trace_writes_the_search_to_a_file_and_changes_nothing(cli, tmp_path):
+    plain = cli("generate", "the dog", *SMALL, "--keywords", "dog", "--json")
+    traced = cli("generate", "the dog", *SMALL, "--keywords", "dog", "--json", "--trace", str(tmp_path / "t.json"))
+    assert plain.exit_code == traced.exit_code == 0, traced.output
+    a, b = json.loads(plain.stdout), json.loads(traced.stdout)
+    assert a["text"] == b["text"] and a["score"] == b["score"] and "trace" not in b
+    doc = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
+    assert doc["format"] == "dealign-trace" and doc["version"] == 1 and doc["answer"]["text"] == a["text"]
+    assert len(doc["steps"]) == a["stats"]["steps"] and "steps written to" in traced.stderr
+    assert_clean_error(cli("generate", "--input", "x.jsonl", "--output", "y.jsonl", "--trace", "t.json"), 2,
+                       "--trace are for a single PROMPT")
+
+
+def test_a_batch_line_can_ask_for_its_trace(cli, tmp_path):
+    rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "the dog", "trace": True}, {"prompt": "the cat"}])
+    result = cli("generate", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"), *SMALL)
+    assert result.exit_code == 0, result.output
+    first, second = read_jsonl(tmp_path / "out.jsonl")
+    assert first["trace"]["answer"]["text"] == first["text"] and "trace" not in second
+
+
+@pytest.mark.parametrize("flag, opened", [([], True), (["--no-browser"], False)])
+def test_explore_serves_the_page_and_opens_the_browser(cli, monkeypatch, flag, opened):
+    import webbrowser
+
+    from dealign.server import app as server_app
+
+    seen, opens = {}, []
+
+    def fake_serve(aligner, limits, *, host, port, model_name, log_level, on_ready):
+        seen.update(limits=limits, port=port, aligner=aligner)
+        on_ready("http://127.0.0.1:1234/")
+
+    monkeypatch.setattr(server_app, "serve", fake_serve)
+    monkeypatch.setattr(webbrowser, "open", opens.append)
+    result = cli("explore", *flag)
+    assert result.exit_code == 0, result.output
+    assert "the explorer is at http://127.0.0.1:1234/" in result.stdout
+    assert opens == (["http://127.0.0.1:1234/"] if opened else [])
+    assert seen["port"] == 0 and seen["limits"].timeout == 600 and hasattr(seen["aligner"], "generate")
+
+
 # batch ---------------------------------------------------------------------------------------------
 
 
@@ -268,3 +310,22 @@ def test_python_dash_m_end_to_end(tiny_model_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["strategy"] == "deal"
+
+
+def test_dealign_explore_serves_the_page_on_a_free_port(tiny_model_dir):
+    """The real command: the model loads, a free port is picked, the address is printed, the page answers."""
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dealign", "explore", "--no-browser", "--model", str(tiny_model_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # blocks until the server answers (or the command fails: "")
+        assert line.startswith("the explorer is at http://127.0.0.1:"), line
+        url = line.split()[4]
+        page = httpx.get(url, timeout=10)
+        assert page.status_code == 200 and "dealign explorer" in page.text
+        assert httpx.get(url + "health", timeout=10).json()["limits"]["timeout"] == 600
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -226,6 +226,58 @@ def test_streaming_chat_with_usage(client, tiny_aligner):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+def _sse_events(url: str, body: dict) -> list:
+    """The data of every server-sent event of one streamed request, parsed (``[DONE]`` as is)."""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        text = "".join(r.iter_text())
+    datas = [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in datas]
+
+
+def test_alignment_trace_comes_in_the_report_and_as_stream_events(client, server, tiny_aligner):
+    messages = [{"role": "user", "content": "the dog"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 10, "alignment": {**ALIGN, "trace": True}}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    doc = whole["alignment"]["trace"]
+    assert doc["format"] == "dealign-trace" and doc["version"] == 1 and doc["strategy"] == "deal"
+    assert doc["answer"]["text"] == whole["choices"][0]["message"]["content"] and doc["steps"]
+    assert doc["settings"]["beam"] == ALIGN["beam"] and doc["lam"] == ALIGN["lam"]
+    # streamed: the same parts as chunks with no choices and a dealign_trace field, in order, before the final chunk
+    events = _sse_events(server.url, {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    parts = [e["dealign_trace"] for e in events[:-1] if "dealign_trace" in e]
+    assert all(e["choices"] == [] for e in events[:-1] if "dealign_trace" in e)
+    assert [p["type"] for p in parts] == ["begin"] + ["step"] * len(doc["steps"]) + ["end"]
+    assert [{k: v for k, v in p.items() if k != "type"} for p in parts[1:-1]] == doc["steps"]
+    assert parts[-1]["answer"] == doc["answer"] and "trace" not in events[-2]["alignment"]
+    # an OpenAI client reads the same text from that stream, the trace chunks having no choices
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True,
+                                                 extra_body={"alignment": {**ALIGN, "trace": True}}))
+    pieces, _ = stream_text(chunks, chat=True)
+    assert "".join(pieces) == doc["answer"]["text"]
+    # without trace, no trace; and the answer is the same
+    plain = httpx.post(server.url + "/v1/chat/completions", json={**body, "alignment": ALIGN}, timeout=60).json()
+    assert "trace" not in plain["alignment"] and plain["choices"][0]["message"] == whole["choices"][0]["message"]
+    bad = httpx.post(server.url + "/v1/chat/completions", json={**body, "alignment": {"trace": "yes"}}, timeout=60)
+    assert bad.status_code == 400 and "trace must be true or false" in bad.json()["error"]["message"]
+
+
+def test_the_explorer_page_and_its_files_are_served(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self': no inline script
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="/static/explorer.js"' in page.text
+    for name, kind in (("explorer.js", "javascript"), ("explorer.css", "text/css")):
+        r = httpx.get(server.url + "/static/" + name)
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+    js = httpx.get(server.url + "/static/explorer.js").text
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js
+    missing = httpx.get(server.url + "/static/nothing.js")
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
 def test_stop_sequence_cuts_the_answer_and_the_search(client, tiny_aligner):
     full = greedy(tiny_aligner, "the dog", 20)
     middle = len(full.text) // 2  # a stop sequence from the middle of the answer (the tiny model's text is odd)

@@ -13,7 +13,7 @@ from .backends.lockstep import Lockstep, check_batch_size
 from .errors import ModelLoadError, UsageError
 from .models.loading import load
 from .rewards.base import as_reward
-from .search import SearchConfig, SearchResult, run_search
+from .search import SearchConfig, SearchResult, TraceRecorder, run_search
 from .settings import Settings
 
 Messages = Sequence[Mapping[str, str]]
@@ -35,6 +35,7 @@ class GenerationResult:
     beam: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int = 0
     fluency: float = 0.0  # the answer's log-prob in the neutral context (0 when the search did not read it)
+    trace: dict[str, Any] | None = None  # every search step, when asked (generate(trace=True); docs/trace.md)
 
     @property
     def num_tokens(self) -> int:
@@ -173,6 +174,7 @@ class Aligner:
         response_prefix: str = "",
         on_commit: Callable[[list[int]], None] | None = None,
         profile: str | None = None,
+        trace: bool | Callable[[dict], None] = False,
         **overrides: Any,
     ) -> GenerationResult:
         """Decode ``prompt`` with ``search`` (a ``SearchConfig``, a dict of its fields, or keyword
@@ -189,7 +191,11 @@ class Aligner:
         already certain (a growing prefix; see ``run_search``); raising from it aborts the search.
 
         ``profile`` (see ``dealign.profiles``, e.g. ``"safe"``) supplies search settings beneath
-        ``search`` and the overrides, and the reward and instruction when those are not given."""
+        ``search`` and the overrides, and the reward and instruction when those are not given.
+
+        ``trace=True`` records the search step by step into ``result.trace`` (the format of
+        ``docs/trace.md``; the answer is the same either way); a callable is also called with each
+        part of it as the search makes it (``{"type": "begin" | "step" | "end", ...}``)."""
         if profile is not None:
             search, reward, instruction = _with_profile(profile, search, reward, instruction)
         cfg = _config(search, overrides, self.search_defaults)
@@ -201,9 +207,15 @@ class Aligner:
         fluency_ids = None
         if cfg.strategy == "deal" and cfg.fluency:
             fluency_ids, _ = self.encode_prompt(cfg.fluency_prompt, response_prefix=response_prefix)
+        recorder = None
+        if trace:
+            recorder = TraceRecorder(self.backend.decode, prompt=prompt if isinstance(prompt, str) else [dict(m) for m in prompt],
+                                     strategy=cfg.strategy, settings=cfg.to_dict(), rewards=dict(zip(rsum.names, (w for _, w in rsum.terms))),
+                                     lam=0.0 if cfg.strategy == "beam" else cfg.lam,
+                                     on_event=trace if callable(trace) else None)
         before = self.backend.counters.snapshot()
         result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit,
-                            fluency_ids=fluency_ids)
+                            fluency_ids=fluency_ids, trace=recorder)
         out = _to_result(result, cfg, len(ids))
         after = self.backend.counters.snapshot()
         for key in after.keys() - out.stats.keys():  # a remote engine's requests and round trips
@@ -363,4 +375,5 @@ def _to_result(result: SearchResult, cfg: SearchConfig, prompt_tokens: int) -> G
         ],
         prompt_tokens=prompt_tokens,
         fluency=best.fluency,
+        trace=result.trace,
     )

@@ -30,7 +30,9 @@ PROMPT_FIELDS = ("instruction", "response_prefix")
 INPUT_FIELDS = ("prompt", "messages")
 # a named set of the fields above (profiles.py), applied beneath the fields given beside it
 PROFILE_FIELDS = ("profile",)
-SETTING_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + PROFILE_FIELDS  # all but the input
+# what the answer carries besides its text: the search's trace (docs/trace.md); never changes the answer
+OUTPUT_FIELDS = ("trace",)
+SETTING_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + PROFILE_FIELDS + OUTPUT_FIELDS  # all but the input
 KNOWN_FIELDS = SETTING_FIELDS + INPUT_FIELDS
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -136,6 +138,7 @@ class Settings:
     models: dict[str, Any] = field(default_factory=dict)  # named_rewards, reward_model
     profile: str | None = None  # the profile these settings started from, if any
     notes: list[str] = field(default_factory=list)  # fields given beside the profile that override it
+    output: dict[str, Any] = field(default_factory=dict)  # trace
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "Settings":
@@ -177,6 +180,10 @@ class Settings:
                 if not isinstance(value, str):
                     raise UsageError(f"{name} must be a string, got {value!r}")
                 s.prompt[name] = value
+            elif name == "trace":
+                if not isinstance(value, bool):
+                    raise UsageError(f"trace must be true or false (record the search step by step), got {value!r}")
+                s.output[name] = value
         return s
 
     def merged(self, values: Mapping[str, Any]) -> "Settings":
@@ -186,14 +193,15 @@ class Settings:
         override it."""
         over = Settings.from_values(values)
         out = Settings({**self.search, **over.search}, {**self.reward, **over.reward}, {**self.prompt, **over.prompt},
-                       {**self.models, **over.models}, over.profile or self.profile, self.notes + over.notes)
+                       {**self.models, **over.models}, over.profile or self.profile, self.notes + over.notes,
+                       {**self.output, **over.output})
         for group, name in ((self.reward, "weights"), (self.models, "named_rewards")):
             if name in group and name in values and values[name] is not None:
                 target = out.reward if group is self.reward else out.models
                 target[name] = {**group[name], **target[name]}
         for name, value in values.items():
             if value is None:
-                for group in (out.search, out.reward, out.prompt, out.models):
+                for group in (out.search, out.reward, out.prompt, out.models, out.output):
                     group.pop(name, None)
         return out
 

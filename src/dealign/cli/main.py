@@ -82,6 +82,7 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Search N rows at a time in lock-step: one forward pass per step for all of them, a finished row's place taken by the next; same answers as 1.", rich_help_panel="Batch")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Also print reward breakdown, final beam and search statistics (to stderr with --json).")] = False,
+    trace_file: Annotated[Optional[Path], typer.Option("--trace", help="Write the search's trace, every step's beam and candidates (docs/trace.md), to this JSON file; open it in the explorer page (`dealign explore`). Batch mode: the field \"trace\": true per line.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Packaged model name, HF folder, .gguf file or cached hub id [default: packaged SmolLM2-135M-Instruct].", rich_help_panel=_M)] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Smaller model with the same tokenizer for the lookahead rollouts.", rich_help_panel=_M)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 [default: float32].", rich_help_panel=_M)] = None,
@@ -144,8 +145,9 @@ def generate(
             raise UsageError("--workers is for batch mode: add --input FILE --output FILE")
         if input is None and batch_size != 1:
             raise UsageError("--batch-size is for batch mode: add --input FILE --output FILE")
-        if input is not None and (json_out or explain):
-            raise UsageError("--json and --explain are for a single PROMPT; batch output is always JSONL")
+        if input is not None and (json_out or explain or trace_file):
+            raise UsageError("--json, --explain and --trace are for a single PROMPT; batch output is always JSONL "
+                             '(a line\'s trace: the field "trace": true)')
         base = Settings.from_values(_setting_values(options))
         for note in base.notes:
             typer.echo(f"note: {note}", err=True)
@@ -158,7 +160,7 @@ def generate(
         if input is not None:
             run_batch(input, output, base, spec, resume=resume, workers=workers, batch_size=batch_size)
             return
-        _generate_one(prompt, base, spec, json_out=json_out, explain=explain)
+        _generate_one(prompt, base, spec, json_out=json_out, explain=explain, trace_file=trace_file)
 
 
 # flags whose value is parsed into a setting of another name; every other flag named after a setting
@@ -166,6 +168,7 @@ def generate(
 _PARSED_FLAGS = {
     "weights": lambda o: parse_weights(o["weight"]),
     "named_rewards": lambda o: parse_weights(o["reward"], "--reward", "harmless=0.75", default=1.0),
+    "trace": lambda o: True if o.get("trace_file") is not None else None,
 }
 
 
@@ -177,13 +180,21 @@ def _setting_values(options: dict) -> dict:
     return {name: None if isinstance(v, (list, tuple)) and not v else v for name, v in values.items()}
 
 
-def _generate_one(prompt: str, base: Settings, spec: AlignerSpec, *, json_out: bool, explain: bool) -> None:
+def _generate_one(prompt: str, base: Settings, spec: AlignerSpec, *, json_out: bool, explain: bool,
+                  trace_file: Optional[Path] = None) -> None:
     base.config()  # bad settings fail before the model loads
     reward = base.build_reward()
     # only the given settings: the rest are the aligner's defaults (segment mode for a remote engine)
-    result = spec.build().generate(prompt, reward=reward, **base.search, **base.prompt)
+    result = spec.build().generate(prompt, reward=reward, trace=base.output.get("trace", False),
+                                   **base.search, **base.prompt)
+    if trace_file is not None:
+        from ..search.trace import save
+
+        typer.echo(f"trace: {len(result.trace['steps'])} steps written to {save(result.trace, trace_file)}", err=True)
     if json_out:
         data = result.to_dict()
+        if trace_file is not None:
+            data.pop("trace")  # it is in the file
         coverage = base.coverage(result.text)
         if coverage is not None:
             data["coverage"] = coverage
@@ -465,14 +476,50 @@ def serve(
                               max_connections=max_connections, allow_regex=allow_regex, rewards=rewards)
         limits.offered_rewards()  # an unknown name fails here, before the model loads
         check_address(host, port)  # and so does a port in use
-        if threads is not None:
-            if threads < 1:
-                raise UsageError(f"--threads must be >= 1; got {threads}")
-            import torch
-
-            torch.set_num_threads(threads)
+        _set_threads(threads)
         aligner = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device).build()
         run_server(aligner, limits, host=host, port=port, model_name=model_name or _served_name(model), log_level=log_level)
+
+
+@app.command()
+def explore(
+    model: Annotated[Optional[str], typer.Option(help="Packaged model name, HF folder, .gguf file or cached hub id [default: packaged SmolLM2-135M-Instruct].")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 0,
+    browser: Annotated[bool, typer.Option("--browser/--no-browser", help="Open the page in the default web browser.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds one search may take (a wide 64-token DeAL search on 2 CPU cores takes minutes).")] = 600.0,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens the page may ask for.")] = _SL.max_tokens,
+    max_candidates: Annotated[int, typer.Option(help="Largest search width: beam x topk x max(1, lookahead).")] = _SL.max_candidates,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads for the search [default: torch's choice].")] = None,
+) -> None:
+    """Open the explorer: a page that runs greedy and DeAL side by side on the model and plays the search back step by step (`dealign serve` with the page at /)."""
+    with reported_errors():
+        try:
+            from ..server.app import serve as run_server
+        except ImportError as exc:
+            raise ModelLoadError(f"dealign explore needs FastAPI and uvicorn ({exc}); run `pip install 'dealign[server]'`") from None
+        limits = ServerLimits(timeout=timeout, max_tokens=max_tokens, max_candidates=max_candidates)
+        _set_threads(threads)
+        aligner = AlignerSpec(model).build()
+
+        def ready(url: str) -> None:
+            typer.echo(f"the explorer is at {url} (Ctrl+C stops it)")
+            if browser:
+                import webbrowser
+
+                webbrowser.open(url)
+
+        run_server(aligner, limits, host=host, port=port, model_name=_served_name(model), log_level="warning",
+                   on_ready=ready)
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1; got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _served_name(model: Optional[str]) -> str:

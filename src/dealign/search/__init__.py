@@ -9,6 +9,7 @@ from ..rewards.base import WeightedSum, as_reward
 from .baselines import beam_search, sampled_search
 from .config import STRATEGIES, ConfigError, Hypothesis, SearchConfig, SearchResult, SearchStats
 from .deal import deal_search
+from .trace import TraceRecorder
 
 
 def run_search(
@@ -21,20 +22,30 @@ def run_search(
     draft: Backend | None = None,
     on_commit: Callable[[list[int]], None] | None = None,
     fluency_ids: Sequence[int] | None = None,
+    trace: TraceRecorder | None = None,
 ) -> SearchResult:
     """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts.
 
     ``on_commit(ids)``, if given, is called after every step with the tokens the answer is now sure
     to start with (they only grow; for best-of-n, the samples' common prefix); raising from it aborts
     the search.  Streaming and time limits are built on it.  ``fluency_ids``: DeAL's neutral context
-    (see ``deal_search``), needed when ``cfg.fluency > 0``."""
+    (see ``deal_search``), needed when ``cfg.fluency > 0``.  ``trace``: a ``TraceRecorder`` that
+    records the search step by step (``search/trace.py``; the answer is the same with or without)."""
     reward = as_reward(reward)
+    result = _run(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
+                  fluency_ids=fluency_ids, trace=trace)
+    if trace is not None:
+        result.trace = trace.doc()
+    return result
+
+
+def _run(backend, prompt_ids, reward, cfg, *, prompt_text, draft, on_commit, fluency_ids, trace) -> SearchResult:
     if cfg.strategy == "deal":
         return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
-                           fluency_ids=fluency_ids)
+                           fluency_ids=fluency_ids, trace=trace)
     if cfg.strategy == "beam":
-        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
-    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
+        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace)
+    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace)
 
 
-__all__ = ["STRATEGIES", "ConfigError", "Hypothesis", "SearchConfig", "SearchResult", "SearchStats", "run_search"]
+__all__ = ["STRATEGIES", "ConfigError", "Hypothesis", "SearchConfig", "SearchResult", "SearchStats", "TraceRecorder", "run_search"]

@@ -17,19 +17,20 @@ from ..backends.base import Backend, Sampler
 from ..rewards.base import WeightedSum
 from .config import Hypothesis, SearchConfig, SearchResult, SearchStats
 from .deal import certain_prefix, deal_search
+from .trace import TraceRecorder, sampled_steps
 
 
 def _sample_rows(backend: Backend, prompt_ids, rows: int, cfg: SearchConfig, sampler: Sampler, on_commit=None):
-    """``rows`` answers sampled from one prefill: ``[(tokens, logprob, finished)]``, tokens up to and
-    including the end-of-sequence token.  One batched rollout of ``max_new_tokens``; or, when
+    """``rows`` answers sampled from one prefill: ``[(tokens, logprob, finished, token_logprobs)]``,
+    tokens up to and including the end-of-sequence token, ``token_logprobs`` a tensor of each one's.  One batched rollout of ``max_new_tokens``; or, when
     ``on_commit`` is given, one token per step (same forward passes and random draws, so the same
     tokens) so that it sees the common prefix of the rows after every step and may abort by raising."""
     beam = backend.prefill(list(prompt_ids))
     first = sampler.pick(beam.next_logprobs.expand(rows, -1))[:, None]
     if on_commit is None:
         ro = backend.rollout(beam, [0] * rows, first, cfg.max_new_tokens - 1, sampler=sampler)
-        return [(ro.tokens[r, : ro.length[r]].tolist(), float(ro.logprobs[r, : ro.length[r]].sum()), ro.finished[r])
-                for r in range(rows)]
+        return [(ro.tokens[r, : ro.length[r]].tolist(), float(ro.logprobs[r, : ro.length[r]].sum()), ro.finished[r],
+                 ro.logprobs[r, : ro.length[r]]) for r in range(rows)]
     tokens, logprobs = [first[:, 0]], [beam.next_logprobs[0].gather(0, first[:, 0])]
     length, done, parents = [cfg.max_new_tokens] * rows, [False] * rows, [0] * rows
     for step in range(cfg.max_new_tokens):
@@ -48,7 +49,8 @@ def _sample_rows(backend: Backend, prompt_ids, rows: int, cfg: SearchConfig, sam
         tokens.append(torch.where(finished, torch.full_like(tok, min(backend.eos_ids)), tok))
         logprobs.append(torch.where(finished, torch.zeros_like(tok_lp), tok_lp))
     toks, lps = torch.stack(tokens, 1), torch.stack(logprobs, 1)
-    return [(toks[r, : length[r]].tolist(), float(lps[r, : length[r]].sum()), done[r]) for r in range(rows)]
+    return [(toks[r, : length[r]].tolist(), float(lps[r, : length[r]].sum()), done[r], lps[r, : length[r]])
+            for r in range(rows)]
 
 
 def _finish_stats(backend: Backend, before: dict, start: float, steps: int) -> SearchStats:
@@ -69,9 +71,10 @@ def sampled_search(
     *,
     prompt_text: str = "",
     on_commit=None,
+    trace: TraceRecorder | None = None,
 ) -> SearchResult:
     """Greedy (one row, temperature 0), sampling (one row) or best-of-N (N rows, reranked).
-    ``on_commit``: see :func:`_sample_rows`."""
+    ``on_commit``: see :func:`_sample_rows`.  ``trace`` records the chosen answer one token a step."""
     start, before = time.perf_counter(), backend.counters.snapshot()
     rows = cfg.n if cfg.strategy == "best-of-n" else 1
     if cfg.strategy == "greedy":
@@ -79,7 +82,7 @@ def sampled_search(
     else:
         sampler = Sampler(cfg.temperature, cfg.top_p, torch.Generator().manual_seed(cfg.seed))
     sampled = _sample_rows(backend, prompt_ids, rows, cfg, sampler, on_commit)
-    hyps = [Hypothesis(toks, lp, 0.0, {}, 0.0, fin, backend.decode(toks)) for toks, lp, fin in sampled]
+    hyps = [Hypothesis(toks, lp, 0.0, {}, 0.0, fin, backend.decode(toks)) for toks, lp, fin, _ in sampled]
     reward_calls = 0
     if reward:
         scores = reward.score([prompt_text] * rows, [h.text for h in hyps], finished=[h.finished for h in hyps])
@@ -93,14 +96,18 @@ def sampled_search(
     best = max(hyps, key=lambda h: (h.finished, h.reward, h.logprob)) if rows > 1 else hyps[0]
     stats = _finish_stats(backend, before, start, steps=max(len(h.token_ids) for h in hyps))
     stats.reward_calls, stats.candidates_scored = reward_calls, rows if reward else 0
+    if trace is not None:
+        sampled_steps(trace, best.token_ids, sampled[hyps.index(best)][3].tolist())
+        trace.finish(best, stats)
     return SearchResult(best=best, beam=sorted(hyps, key=lambda h: -h.score), stats=stats)
 
 
 def beam_search(backend: Backend, prompt_ids: Sequence[int], reward: WeightedSum, cfg: SearchConfig, *,
-                prompt_text: str = "", on_commit=None) -> SearchResult:
+                prompt_text: str = "", on_commit=None, trace: TraceRecorder | None = None) -> SearchResult:
     """Plain beam search on log-probability; the reward is computed for reporting only."""
     cfg = cfg.replace(topk=cfg.beam, lookahead=0, mode="token", top_p=1.0, fluency=0.0, open_tokens=0)
-    result = deal_search(backend, prompt_ids, WeightedSum(), cfg, prompt_text=prompt_text, lam=0.0, on_commit=on_commit)
+    result = deal_search(backend, prompt_ids, WeightedSum(), cfg, prompt_text=prompt_text, lam=0.0, on_commit=on_commit,
+                         trace=trace)
     if reward:
         hyps = [result.best, *result.beam]
         scores = reward.score([prompt_text] * len(hyps), [h.text for h in hyps], finished=[h.finished for h in hyps])

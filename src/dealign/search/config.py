@@ -118,8 +118,10 @@ class Hypothesis:
 
 @dataclass
 class SearchResult:
-    """The chosen answer plus what the search saw: the final beam and the cost."""
+    """The chosen answer plus what the search saw: the final beam, the cost and, when asked, the trace
+    of every step (``search/trace.py``)."""
 
     best: Hypothesis
     beam: list[Hypothesis] = field(default_factory=list)
     stats: SearchStats = field(default_factory=SearchStats)
+    trace: dict | None = None

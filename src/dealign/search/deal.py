@@ -23,6 +23,7 @@ from ..backends.base import Backend, Beam, Sampler
 from ..errors import ConfigError
 from ..rewards.base import WeightedSum
 from .config import Hypothesis, SearchConfig, SearchResult, SearchStats
+from .trace import TraceRecorder
 
 
 def propose(next_logprobs: torch.Tensor, topk: int, top_p: float = 1.0) -> list[list[tuple[int, float]]]:
@@ -163,6 +164,7 @@ def deal_search(
     lam: float | None = None,
     on_commit: Callable[[list[int]], None] | None = None,
     fluency_ids: Sequence[int] | None = None,
+    trace: TraceRecorder | None = None,
 ) -> SearchResult:
     """Run DeAL for one prompt.  ``lam`` overrides ``cfg.lam`` (beam search is DeAL with lam 0).
 
@@ -175,7 +177,10 @@ def deal_search(
 
     ``on_commit(ids)``, if given, is called after every step that the search goes on from with the
     tokens every possible answer now starts with (see :func:`certain_prefix`; it only grows); it may
-    raise to abort the search (a server's time limit, a client gone)."""
+    raise to abort the search (a server's time limit, a client gone).
+
+    ``trace``, if given, records every step (``search/trace.py``); it reads what the search computed
+    and changes nothing."""
     lam = cfg.lam if lam is None else lam
     if cfg.fluency and not fluency_ids:
         raise ConfigError("fluency > 0 needs the token ids of the neutral context (fluency_ids): Aligner.generate "
@@ -247,6 +252,9 @@ def deal_search(
         top = pool[: cfg.beam]
         last_pool = [(s, st) for s, st, _ in top]
         stats.steps += 1
+        if trace is not None:
+            _trace_step(trace, live, pool, top, commits, cands, cand_lp, parents, [t[: n] for t, n in zip(tokens_l, length)],
+                        cfg, lam, segment, topk, lookahead)
 
         kept = [st for _, st, _ in top if st.hyp is not None]
         winners = [(st, j) for _, st, j in top if st.hyp is None]
@@ -275,7 +283,29 @@ def deal_search(
     stats.tokens_processed = after["tokens_processed"] - before["tokens_processed"]
     stats.draft_forward_passes = (draft.counters.forward_passes - d_before) if draft else 0
     stats.seconds = time.perf_counter() - start
+    if trace is not None:
+        trace.finish(best, stats)
     return SearchResult(best=best, beam=beam_out, stats=stats)
+
+
+def _trace_step(trace: TraceRecorder, live, pool, top, commits, cands, cand_lp, parents, spans, cfg, lam, segment,
+                topk, lookahead) -> None:
+    """Hand one step to the trace: the beam entering it, every candidate's numbers, who survived."""
+    top_ids = {id(st) for _, st, _ in top}
+    held = [(st, s) for s, st, j in pool if j < 0]
+    cands_out = [None] * len(commits)
+    for rank, (score, st, j) in enumerate(pool):
+        if j < 0:
+            continue
+        logp = objective(st.logprob, st.fluency, len(st.tokens), cfg)
+        cands_out[j] = {"parent": parents[j], "token": cands[j], "span": spans[j],
+                        "committed": st.tokens[len(live[parents[j]].tokens):], "logprob": st.logprob,
+                        "token_logprob": cand_lp[j], "rewards": st.rewards, "reward": st.reward, "logp_part": logp,
+                        "reward_part": lam * st.reward, "score": score, "finished": st.hyp is not None, "rank": rank}
+    trace.step(states=[(st.tokens, st.logprob) for st in live],
+               held=[(st.tokens, s, st.hyp.text) for st, s in held], held_kept=[id(st) in top_ids for st, _ in held],
+               candidates=cands_out, kept=[j for _, _, j in top if j >= 0], mode="segment" if segment else "token",
+               topk=topk, lookahead=lookahead)
 
 
 def _schedule(cfg: SearchConfig, made: int) -> tuple[int, int, bool]:

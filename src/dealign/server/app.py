@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-compatible endpoints over one ``Aligner``.
 
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``), ``GET /v1/models``,
-``GET /v1/models/{id}`` and ``GET /health``.  Every error, including a malformed body and an unknown
+``GET /v1/models/{id}`` and ``GET /health``; ``GET /`` is the explorer, a page that runs greedy and
+DeAL side by side and plays the search back step by step (``static/``, ``docs/trace.md``).  Every error, including a malformed body and an unknown
 route, is answered in OpenAI's error format with a message naming the problem; a 500 only ever means
 a bug (its traceback goes to the server log, never to the client).
 """
@@ -12,14 +13,17 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -30,7 +34,12 @@ from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, describ
 log = logging.getLogger("dealign.server")
 GRACE = 1.0  # seconds past a deadline before the handler stops waiting for the worker
 POLL = 0.25  # how often a waiting handler checks the deadline and the connection
-ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the explorer page)"
+STATIC = Path(__file__).parent / "static"
+# the page runs only its own script and style: text from a model or a user can never run as code there
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                           "base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 class ErrorDetail(BaseModel):
@@ -171,7 +180,15 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, **worker.status(), "rewards": limits.offered_rewards()}
+        return {"status": "ok", "model": model_name, **worker.status(), "rewards": limits.offered_rewards(),
+                "limits": {"max_tokens": limits.max_tokens, "max_candidates": limits.max_candidates,
+                           "timeout": limits.timeout, "allow_regex": limits.allow_regex}}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -196,7 +213,8 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
                                                      defaults=getattr(aligner, "search_defaults", None))
         job = Job(body.job_prompt(), cfg, reward, prompt_options, body.stop or [],
                   deadline=time.monotonic() + limits.timeout,
-                  coverage=settings.coverage if settings is not None else None)
+                  coverage=settings.coverage if settings is not None else None,
+                  trace=bool(settings is not None and settings.output.get("trace")))
         worker.check_prompt(job)
         reply = _Reply(chat, model_name)
         if not body.stream:
@@ -204,7 +222,7 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
             return reply.full(await _wait(future, job, request, worker))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        future = worker.submit(job, emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, text))
+        future = worker.submit(job, emit=lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
         future.add_done_callback(lambda _: events.put_nowait(None))  # after every delta the worker queued
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(reply, job, future, events, worker, request, include_usage),
@@ -255,7 +273,9 @@ def _sse(data: Any) -> str:
 async def _stream(reply: "_Reply", job: Job, future: asyncio.Future, events: asyncio.Queue, worker: Worker,
                   request: Request, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: a chunk per committed delta, a final chunk with the finish reason and the
-    ``alignment`` report, an optional usage chunk, then ``[DONE]``.  An error after the stream has
+    ``alignment`` report, an optional usage chunk, then ``[DONE]``.  With ``alignment.trace`` the
+    trace's parts come as chunks of their own, with no choices and a ``dealign_trace`` field
+    (``docs/trace.md``), as the search makes them.  An error after the stream has
     started (time limit, bad prompt) is sent as an ``{"error": ...}`` event before ``[DONE]``."""
     try:
         if reply.chat:
@@ -269,6 +289,9 @@ async def _stream(reply: "_Reply", job: Job, future: asyncio.Future, events: asy
                 continue
             if text is None:
                 break
+            if isinstance(text, dict):  # a trace event: a chunk without choices, as OpenAI's usage chunk
+                yield _sse({**reply.chunk(), "choices": [], "dealign_trace": text})
+                continue
             yield _sse(reply.chunk(text=text))
         outcome = _outcome(future)
         if outcome.tail:
@@ -336,10 +359,26 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(aligner: Any, limits: ServerLimits, *, host: str, port: int, model_name: str,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn; at most ``limits.max_connections`` connections)."""
+          log_level: str = "info", on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the server until interrupted (uvicorn; at most ``limits.max_connections`` connections).
+    ``on_ready(url)``, if given, is called once the server answers (``port`` 0 then picks a free one)."""
     import uvicorn
 
     app = create_app(aligner, limits, model_name=model_name)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
-                timeout_keep_alive=5)
+    if on_ready is None:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
+                    timeout_keep_alive=5)
+        return
+    sock = socket.create_server((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, limit_concurrency=limits.max_connections,
+                                           timeout_keep_alive=5))
+    url = f"http://{host}:{sock.getsockname()[1]}/"
+
+    def when_started() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            on_ready(url)
+
+    threading.Thread(target=when_started, daemon=True).start()
+    server.run(sockets=[sock])

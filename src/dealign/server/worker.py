@@ -27,6 +27,7 @@ from typing import Any, Callable
 from ..backends.lockstep import Lockstep
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
+from ..search.trace import from_events
 from .limits import ServerLimits
 from .schemas import ApiError
 
@@ -42,6 +43,7 @@ class Job:
     stop: list[str]
     deadline: float  # time.monotonic()
     coverage: Callable[[str], float | None] | None = None
+    trace: bool = False  # record the search (alignment.trace): streamed as events, else in the alignment report
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -142,9 +144,10 @@ class Worker:
                                    "tokens_saved": prefixes.tokens_saved, "mib": round(prefixes.nbytes / 2**20, 1)}
         return out
 
-    def submit(self, job: Job, emit: Callable[[str], None] | None = None) -> asyncio.Future:
-        """Queue ``job``; ``emit(text)`` is called from the worker with each streamed delta.  Raises a
-        429 ``ApiError`` when the queue is full."""
+    def submit(self, job: Job, emit: Callable[[str | dict], None] | None = None) -> asyncio.Future:
+        """Queue ``job``; ``emit(text)`` is called from the worker with each streamed delta, and
+        ``emit(event)`` with each trace event (a dict, ``search/trace.py``) when the job asks for its
+        trace.  Raises a 429 ``ApiError`` when the queue is full."""
         batch = self.batch
         if self.in_flight >= self.limits.queue_size + batch:
             self.refused += 1
@@ -220,10 +223,18 @@ class Worker:
             if text.stopped:
                 raise _StopSequence(committed)
 
+        events: list[dict] = []  # the trace's parts, for a report that is not streamed
+
+        def on_trace(event: dict) -> None:
+            if emit is not None:
+                emit(event)
+            else:
+                events.append(event)
+
         start, before = time.perf_counter(), aligner.backend.counters.snapshot()
         try:
             result = aligner.generate(job.prompt, reward=job.reward, search=job.search, on_commit=on_commit,
-                                      **job.prompt_options)
+                                      trace=on_trace if job.trace else False, **job.prompt_options)
         except _Abort:
             if job.cancelled.is_set():
                 return None
@@ -236,12 +247,16 @@ class Worker:
             scores = job.reward.score([user_text], [text.sent], finished=[True]) if job.reward else None
             info = {"finished": True, "reward": scores.total[0] if scores else 0.0,
                     "rewards": scores.row(0) if scores else {}, "stats": stats}
+            if job.trace and emit is None:
+                info["trace"] = from_events(events)
             return self._outcome(job, text.sent, "", "stop_sequence", len(ids), len(stop.ids), info)
         except ValueError as exc:  # a reward that rejects its input, a bad setting found late
             raise ApiError(400, str(exc)) from None
         final, tail, cut = text.finish(result.text)
         info = {"finished": result.finished, "reward": result.reward, "rewards": result.rewards,
                 "logprob": result.logprob, "score": result.score, "stats": result.stats}
+        if job.trace and emit is None:
+            info["trace"] = result.trace
         stopped_by = "stop_sequence" if cut else "end_of_sequence" if result.finished else "max_tokens"
         return self._outcome(job, final, tail, stopped_by, result.prompt_tokens, result.num_tokens, info)
 
