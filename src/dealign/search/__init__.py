@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from ..backends.base import Backend
+from ..constraints import Constraint
 from ..rewards.base import WeightedSum, as_reward
 from .baselines import beam_search, sampled_search
 from .config import STRATEGIES, ConfigError, Hypothesis, SearchConfig, SearchResult, SearchStats
@@ -21,20 +22,24 @@ def run_search(
     draft: Backend | None = None,
     on_commit: Callable[[list[int]], None] | None = None,
     fluency_ids: Sequence[int] | None = None,
+    constraint: Constraint | None = None,
 ) -> SearchResult:
     """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts.
 
     ``on_commit(ids)``, if given, is called after every step with the tokens the answer is now sure
     to start with (they only grow; for best-of-n, the samples' common prefix); raising from it aborts
     the search.  Streaming and time limits are built on it.  ``fluency_ids``: DeAL's neutral context
-    (see ``deal_search``), needed when ``cfg.fluency > 0``."""
+    (see ``deal_search``), needed when ``cfg.fluency > 0``.  ``constraint`` (``dealign.constraints``):
+    a format every strategy keeps as a hard mask (see ``deal_search``)."""
     reward = as_reward(reward)
     if cfg.strategy == "deal":
         return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
-                           fluency_ids=fluency_ids)
+                           fluency_ids=fluency_ids, constraint=constraint)
     if cfg.strategy == "beam":
-        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
-    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit)
+        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit,
+                           constraint=constraint)
+    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit,
+                          constraint=constraint)
 
 
 __all__ = ["STRATEGIES", "ConfigError", "Hypothesis", "SearchConfig", "SearchResult", "SearchStats", "run_search"]
