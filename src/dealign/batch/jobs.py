@@ -64,7 +64,8 @@ def answer(aligner: Any, job: Job) -> dict[str, Any]:
     """Generate ``job``'s answer and return its output row.  Only the row's given search settings are
     passed, so the aligner's own defaults (segment mode for a remote engine) fill in the rest."""
     start = time.perf_counter()
-    result = aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt)
+    result = aligner.generate(job.prompt, reward=job.reward, **job.settings.search, **job.settings.prompt,
+                              **job.settings.constraint)
     return record(job, result, time.perf_counter() - start)
 
 

@@ -121,6 +121,10 @@ def generate(
     finish_with_keywords: Annotated[Optional[bool], typer.Option("--finish-with-keywords/--no-finish-with-keywords", help="Make ending before every keyword is in cost its weight (--weight finish_with_keywords=W) [default: on with --keywords].", show_default=False, rich_help_panel=_R)] = None,
     must_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must contain (repeatable).", rich_help_panel=_R)] = None,
     must_not_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must not contain (repeatable).", rich_help_panel=_R)] = None,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="The answer is JSON valid under this schema (a file or the JSON text): a hard mask on every token, not a reward.", rich_help_panel=_F)] = None,
+    regex: Annotated[Optional[str], typer.Option(help="The answer matches this regex entirely (hard mask).", rich_help_panel=_F)] = None,
+    grammar: Annotated[Optional[str], typer.Option(help="The answer is in this grammar's language (a Lark or GBNF file, or its text; hard mask).", rich_help_panel=_F)] = None,
+    choice: Annotated[Optional[List[str]], typer.Option(help="The answer is exactly one of these strings (repeatable; hard mask).", rich_help_panel=_F)] = None,
     weight: Annotated[Optional[List[str]], typer.Option(help="Reward weight NAME=W, e.g. keywords=0.7 (repeatable) [default: 1 each].", rich_help_panel=_R)] = None,
     reward: Annotated[Optional[List[str]], typer.Option("--reward", help="Named or model reward NAME=W, e.g. harmless=0.75 (repeatable; W defaults to 1): harmless, helpful, relevance, non_toxic, sentiment, judge_harmless, judge_helpful, or a reward folder path.", rich_help_panel=_R)] = None,
     reward_model: Annotated[Optional[List[str]], typer.Option("--reward-model", help="Reward model folder (from train-reward, or a HF sequence classifier as PATH#LABEL), weight 1 (repeatable; weight it with --reward PATH=W).", rich_help_panel=_R)] = None,
@@ -164,6 +168,8 @@ def generate(
 # flags whose value is parsed into a setting of another name; every other flag named after a setting
 # (SETTING_FIELDS: a SearchConfig field, a reward option, ...) is passed on as it is
 _PARSED_FLAGS = {
+    "json_schema": lambda o: read_text_or_file(o["json_schema"]) if o.get("json_schema") else None,
+    "grammar": lambda o: read_text_or_file(o["grammar"]) if o.get("grammar") else None,
     "weights": lambda o: parse_weights(o["weight"]),
     "named_rewards": lambda o: parse_weights(o["reward"], "--reward", "harmless=0.75", default=1.0),
 }
@@ -181,7 +187,7 @@ def _generate_one(prompt: str, base: Settings, spec: AlignerSpec, *, json_out: b
     base.config()  # bad settings fail before the model loads
     reward = base.build_reward()
     # only the given settings: the rest are the aligner's defaults (segment mode for a remote engine)
-    result = spec.build().generate(prompt, reward=reward, **base.search, **base.prompt)
+    result = spec.build().generate(prompt, reward=reward, **base.search, **base.prompt, **base.constraint)
     if json_out:
         data = result.to_dict()
         coverage = base.coverage(result.text)

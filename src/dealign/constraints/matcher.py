@@ -62,7 +62,8 @@ class Grammar:
         self.mask_seconds = 0.0  # time spent computing and applying masks (the bench reports it)
         self.mask_rows = 0
         first = self.allowed([self._matcher])[0]
-        if not bool(first.any()):
+        first[[e for e in self.eos if e < self.vocab]] = False  # llguidance offers the end at a dead end
+        if not bool(first.any()) and not self._matcher.is_accepting():
             raise ConstraintError(f"no token of the model's vocabulary can start the {constraint.describe()} "
                                   "constraint; check it against what the tokenizer can write")
 

@@ -40,6 +40,7 @@ class Job:
     deadline: float  # time.monotonic()
     coverage: Callable[[str], float | None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    constraint: Any = None  # the answer's hard format (dealign.constraints), from response_format / alignment
 
 
 @dataclass
@@ -206,7 +207,7 @@ class Worker:
         start, before = time.perf_counter(), aligner.backend.counters.snapshot()
         try:
             result = aligner.generate(job.prompt, reward=job.reward, search=job.search, on_commit=on_commit,
-                                      **job.prompt_options)
+                                      constraint=job.constraint, **job.prompt_options)
         except _Abort:
             if job.cancelled.is_set():
                 return None
