@@ -16,6 +16,7 @@ import typer
 
 from ..api import LOCAL_SEARCH_DEFAULTS
 from ..batch import AlignerSpec, run_batch
+from ..constraints import read_text_or_file
 from ..errors import ModelLoadError, UsageError
 from ..profiles import PROFILES, describe
 from ..search import STRATEGIES, SearchConfig
@@ -35,6 +36,7 @@ _D = SearchConfig(**LOCAL_SEARCH_DEFAULTS)  # only for the defaults shown in --h
 _SL = ServerLimits()  # likewise for `dealign serve`
 _S, _R, _M = "Search (defaults from SearchConfig)", "Rewards", "Model"
 _E = "Remote engine"
+_F = "Format (hard constraints)"
 
 
 def _fail(message: str, code: int) -> None:
@@ -155,6 +157,9 @@ def generate(
             typer.echo(f"note: {note}", err=True)
         if engine_url is None and (engine_dialect or engine_model or engine_top_n):
             raise UsageError("--engine-dialect, --engine-model and --engine-top-n need --engine-url URL")
+        if engine_url is not None and base.constraint:
+            raise UsageError(f"--{next(iter(base.constraint)).replace('_', '-')} needs a local model: a remote engine cannot "
+                             "take the constraint's mask per row; drop --engine-url")
         if engine_url is not None and (draft_model or dtype or device):
             raise UsageError("--draft-model, --dtype and --device are for a local model; with --engine-url the engine runs the model")
         spec = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device, engine_url=engine_url,
