@@ -173,8 +173,6 @@ def generate(
 # flags whose value is parsed into a setting of another name; every other flag named after a setting
 # (SETTING_FIELDS: a SearchConfig field, a reward option, ...) is passed on as it is
 _PARSED_FLAGS = {
-    "json_schema": lambda o: read_text_or_file(o["json_schema"]) if o.get("json_schema") else None,
-    "grammar": lambda o: read_text_or_file(o["grammar"]) if o.get("grammar") else None,
     "weights": lambda o: parse_weights(o["weight"]),
     "named_rewards": lambda o: parse_weights(o["reward"], "--reward", "harmless=0.75", default=1.0),
 }
@@ -185,6 +183,9 @@ def _setting_values(options: dict) -> dict:
     is unset, like any other flag left out."""
     values = {name: options[name] for name in SETTING_FIELDS if name in options}
     values.update({name: parse(options) for name, parse in _PARSED_FLAGS.items()})
+    for name in ("json_schema", "grammar"):  # a file, or the text itself
+        if values.get(name):
+            values[name] = read_text_or_file(values[name])
     return {name: None if isinstance(v, (list, tuple)) and not v else v for name, v in values.items()}
 
 
@@ -384,12 +385,21 @@ def bench(
     remote_dialect: Annotated[str, typer.Option(help="llamacpp | vllm, for --remote URL.")] = "llamacpp",
     batch_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated batch sizes, e.g. 1,4,8,16: instead of the rows above, greedy and default DeAL over the same --prompts at each size, searched in lock-step (throughput, forward passes, peak memory, answers identical to size 1).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device for --batch-sizes, e.g. cuda [default: cpu].")] = None,
-    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply).")] = "speed",
+    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply) | format-cost (greedy and DeAL on the format task's prompts with and without the JSON schema mask: tokens/s and the mask's own time).")] = "speed",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
     with reported_errors():
-        if suite not in ("speed", "harm-cost"):
-            raise UsageError(f"--suite must be speed or harm-cost; got {suite!r}")
+        if suite not in ("speed", "harm-cost", "format-cost"):
+            raise UsageError(f"--suite must be speed, harm-cost or format-cost; got {suite!r}")
+        if suite == "format-cost":
+            from ..tools.bench import format_cost_markdown, run_format_cost
+
+            report = run_format_cost(model, prompts=prompts, max_new_tokens=max_new_tokens,
+                                     progress=lambda m: typer.echo(m, err=True))
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(report, indent=2))
+            typer.echo(format_cost_markdown(report))
+            return
         if suite == "harm-cost":
             _bench_harm_cost(model, prompts, max_new_tokens, json_out)
             return
