@@ -196,3 +196,13 @@ def test_a_backend_without_per_row_masks_refuses_constraints(tiny_model, tiny_to
     al = Aligner(NaiveHFBackend(tiny_model, tiny_tokenizer), tiny_tokenizer)
     with pytest.raises(C.ConstraintError, match="remote engine"):
         al.generate("the dog", json_schema=SCHEMA)
+
+
+@pytest.mark.parametrize("mode", ["token", "segment"])
+def test_the_fluency_context_rows_stay_free_while_the_answer_is_masked(tiny_aligner, mode):
+    """The aligner's defaults read every answer after a neutral prompt too (fluency 1): those rows
+    ride unconstrained in the same batch, the answer's rows are masked."""
+    result = tiny_aligner.generate("the dog catches a", mode=mode, beam=2, topk=3, lookahead=2, max_new_tokens=48,
+                                   reward=letters, json_schema=SCHEMA)
+    assert result.finished and _valid_json(result.text), result.text
+    assert result.fluency < 0  # the neutral context did read it

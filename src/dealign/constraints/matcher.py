@@ -19,7 +19,9 @@ ends there), so a rollback never crosses a stop.
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,21 +30,25 @@ import torch
 from . import Constraint, ConstraintError
 
 _TOKENIZERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_TOKENIZER_LOCK = threading.Lock()
+GRAMMAR_CACHE = 64  # compiled constraints kept per backend
 
 
 def _ll_tokenizer(tokenizer: Any, vocab: int, eos: tuple[int, ...]):
     """llguidance's view of a Hugging Face fast tokenizer (about 1 s for a 49k vocabulary), cached."""
     import llguidance.hf
 
-    per = _TOKENIZERS.setdefault(tokenizer, {})
-    key = (vocab, eos)
-    if key not in per:
-        try:
-            per[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(eos))
-        except Exception as exc:  # noqa: BLE001 - a slow tokenizer, an unsupported pre-tokenizer
-            raise ConstraintError(f"constraints need a fast (tokenizers-library) tokenizer that llguidance can read: "
-                                  f"{type(tokenizer).__name__}: {exc}") from None
-    return per[key]
+    with _TOKENIZER_LOCK:  # searches of one batch start together: build it once
+        per = _TOKENIZERS.setdefault(tokenizer, {})
+        key = (vocab, eos)
+        if key not in per:
+            try:
+                per[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(eos))
+            except Exception as exc:  # noqa: BLE001 - a slow tokenizer, an unsupported pre-tokenizer
+                raise ConstraintError(f"constraints need a fast (tokenizers-library) tokenizer that llguidance can "
+                                      f"read: {type(tokenizer).__name__}: {exc}") from None
+        return per[key]
 
 
 class Grammar:
@@ -147,16 +153,18 @@ class RowMatchers:
         rows = [i for i, m in enumerate(self.rows) if m is not None and (alive is None or bool(alive[i]))]
         if not rows:
             return logprobs
-        out = logprobs.clone()
-        index = torch.tensor(rows)
         allowed = self.grammar.allowed([self.rows[i] for i in rows])
-        width = min(allowed.shape[1], out.shape[1])
-        sub = out[index]
-        keep = torch.zeros(sub.shape, dtype=torch.bool)
-        keep[:, :width] = allowed[:, :width]
-        sub.masked_fill_(~keep, float("-inf"))
-        sub -= sub.logsumexp(-1, keepdim=True)
-        out[index] = sub
+        if allowed.shape[1] != logprobs.shape[1]:  # a model whose head is wider than the tokenizer: never those
+            keep = torch.zeros(len(rows), logprobs.shape[1], dtype=torch.bool)
+            width = min(allowed.shape[1], logprobs.shape[1])
+            keep[:, :width] = allowed[:, :width]
+            allowed = keep
+        if len(rows) == len(self.rows):  # the usual case: every row masked, no gather / scatter
+            out = torch.log_softmax(logprobs.masked_fill(~allowed, float("-inf")), -1)
+        else:
+            index = torch.tensor(rows)
+            out = logprobs.clone()
+            out[index] = torch.log_softmax(logprobs[index].masked_fill(~allowed, float("-inf")), -1)
         self.grammar.mask_seconds += time.perf_counter() - start
         self.grammar.mask_rows += len(rows)
         return out
@@ -186,11 +194,18 @@ def grammar_for(backend: Any, constraint: Constraint) -> Grammar:
                               "per row (a remote engine takes no per-row mask); run constraints on a local model "
                               "(drop --engine-url)")
     owner = getattr(backend, "inner", backend)  # a lock-step view shares its backend's grammars
-    cache = owner.__dict__.setdefault("_grammars", {})
+    cache: OrderedDict = owner.__dict__.setdefault("_grammars", OrderedDict())
     key = constraint.grammar_text
-    if key not in cache:
-        cache[key] = Grammar(constraint, backend.tokenizer, backend.vocab_size, sorted(backend.eos_ids))
-    return cache[key]
+    with _LOCK:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    grammar = Grammar(constraint, backend.tokenizer, backend.vocab_size, sorted(backend.eos_ids))
+    with _LOCK:
+        cache[key] = grammar
+        while len(cache) > GRAMMAR_CACHE:  # a server sees a new schema per request: keep the recent ones
+            cache.popitem(last=False)
+    return grammar
 
 
 def attach(backend: Any, beam: Any, constraint: Constraint | None, constrained: Sequence[int] = (0,)) -> Any:

@@ -53,6 +53,7 @@ class Task:
     default_strategies: tuple[str, ...] = tuple(STRATEGIES)
     max_new_tokens: int = 32
     fluency: bool = True  # score NLL under a judge LM (text tasks); harm tasks use --judge as their LM judge
+    fluency_text: Callable[[dict], str] | None = None  # the part of an answer the NLL reads (default: its text)
     form_metrics: tuple[str, ...] = ()  # constraint, sentence form, both: plotted side by side
     tradeoff_plot: bool = False
 
@@ -400,6 +401,13 @@ def _format_metrics(row: dict) -> dict[str, float]:
             "content": keyword_coverage(words, row["meta"]["keywords"]), "finished": float(bool(row["finished"]))}
 
 
+def _format_prose(row: dict) -> str:
+    """What a reader reads of a JSON answer: its string fields (the whole text if there are none)."""
+    from .format import parse, string_fields
+
+    return string_fields(parse(row["text"])) or row["text"]
+
+
 FORMAT = Task(
     name="format",
     describe=("JSON objects with given fields (32 hand-written schemas and prompts); the format as a soft must_match "
@@ -411,6 +419,7 @@ FORMAT = Task(
     overrides=FORMAT_OVERRIDES,
     default_strategies=tuple(FORMAT_OVERRIDES),
     max_new_tokens=96,
+    fluency_text=_format_prose,
 )
 
 TASKS = {t.name: t for t in (KEYWORDS, LENGTH, HARMLESS, TRADEOFF, JAILBREAK, FORMAT)}
