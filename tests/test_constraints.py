@@ -206,3 +206,23 @@ def test_the_fluency_context_rows_stay_free_while_the_answer_is_masked(tiny_alig
                                    reward=letters, json_schema=SCHEMA)
     assert result.finished and _valid_json(result.text), result.text
     assert result.fluency < 0  # the neutral context did read it
+
+
+def test_the_format_task_masks_only_its_mask_rows_and_scores_json():
+    from dealign.evaluation.format import TOPICS
+    from dealign.evaluation.tasks import TASKS
+
+    task = TASKS["format"]
+    rows = task.rows(len(TOPICS), list(task.default_strategies), 96)
+    assert len(TOPICS) >= 30 and len(rows) == 4 * len(TOPICS)
+    for r in rows:
+        masked = r["method"].endswith("+mask")
+        assert (r["json_schema"] is not None) == masked and (r["must_match"] is None) == masked
+        C.json_schema(r["meta"]["schema"])  # every schema compiles
+    meta = rows[0]["meta"]
+    good = json.dumps({"summary": "A dog runs after the ball.", "breed": "collie", "age_years": 3})
+    m = task.metrics({"text": good, "meta": meta, "finished": True})
+    assert m == {"parses": 1.0, "schema_valid": 1.0, "content": 1.0, "finished": 1.0}
+    m = task.metrics({"text": '{"summary": "dog"}', "meta": meta, "finished": True})
+    assert (m["parses"], m["schema_valid"]) == (1.0, 0.0)
+    assert task.metrics({"text": "```json\n{", "meta": meta, "finished": False})["parses"] == 0.0

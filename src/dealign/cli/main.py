@@ -230,7 +230,7 @@ def demo(
 
 @app.command("eval")
 def eval_(
-    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen), length (word limits), harmless (HarmfulQ + HH red-team), tradeoff (harmless/helpful weight sweep) or jailbreak (continuation attack).")],
+    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen), length (word limits), harmless (HarmfulQ + HH red-team), tradeoff (harmless/helpful weight sweep), jailbreak (continuation attack) or format (JSON with given fields: soft reward vs hard schema mask).")],
     n: Annotated[int, typer.Option("--n", help="Number of items (the first N, after --offset).")] = 50,
     strategies: Annotated[Optional[str], typer.Option(help="Comma-separated: greedy, sample, beam, best-of-n, prompt (alignment instruction only), deal, deal-segment, prompt+deal; tradeoff also 'deal w=.75/.25' etc. [default: the task's set]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for input/output JSONL, summary, plots, report.md [default: runs/TASK].")] = None,

@@ -20,6 +20,7 @@ ends there), so a rollback never crosses a stop.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -107,7 +108,9 @@ class RowMatchers:
 
     @staticmethod
     def concat(parts: Sequence["RowMatchers | None"], sizes: Sequence[int]) -> "RowMatchers | None":
-        """The rows of several calls' states stacked (a call without a constraint: ``sizes[i]`` Nones)."""
+        """The rows of several calls' states stacked (a call without a constraint: ``sizes[i]`` Nones).
+        Calls of one backend may hold different constraints: each matcher carries its own grammar, the
+        ``Grammar`` here only lends the vocabulary, the executor and the mask timer."""
         present = [p for p in parts if p is not None]
         if not present:
             return None
@@ -124,10 +127,6 @@ class RowMatchers:
         out = RowMatchers(self.grammar, rows)
         out.consumed = self.consumed[lo:hi]
         return out
-
-    def _live(self, alive: torch.Tensor | None) -> list[int]:
-        ok = alive.tolist() if alive is not None else [True] * len(self.rows)
-        return [i for i, m in enumerate(self.rows) if m is not None and ok[i] and not m.is_stopped()]
 
     def advance(self, tokens: torch.Tensor, alive: torch.Tensor | None = None) -> None:
         """Feed ``tokens[i]`` to row i's matcher where ``alive[i]`` (an end-of-sequence token ends the
@@ -147,8 +146,6 @@ class RowMatchers:
         """``logprobs`` (``[rows, vocab]``) with every token the row's matcher forbids at -inf,
         renormalised over the rest; rows without a live matcher unchanged.  A row whose matcher has
         stopped (the format is complete) may only end."""
-        import time
-
         start = time.perf_counter()
         rows = [i for i, m in enumerate(self.rows) if m is not None and (alive is None or bool(alive[i]))]
         if not rows:
@@ -169,9 +166,9 @@ class RowMatchers:
         self.grammar.mask_rows += len(rows)
         return out
 
-    def commit(self, rows: Sequence[int], keep: int, offset: int = 0) -> "RowMatchers":
-        """The states of ``rows`` after their first ``keep`` tokens since ``offset``-relative fork:
-        a copy of each, rolled back by the tokens it consumed beyond ``keep``."""
+    def commit(self, rows: Sequence[int], keep: int) -> "RowMatchers":
+        """The states of ``rows`` after the first ``keep`` tokens they took since the fork that made
+        this object: a copy of each, rolled back by the tokens it consumed beyond ``keep``."""
         out = []
         for r in rows:
             m = self.rows[r]
