@@ -6,6 +6,7 @@ import pytest
 
 from dealign import Aligner
 from dealign.evaluation.format import items, parse, schema_valid
+from dealign.evaluation.tasks import FORMAT_DEAL
 from dealign.rewards import keywords
 
 pytestmark = pytest.mark.integration
@@ -18,7 +19,7 @@ def smollm2():
 
 @pytest.mark.parametrize("strategy", ["greedy", "deal"])
 def test_smollm2_returns_schema_valid_json_for_five_prompts(smollm2, strategy):
-    search = {"strategy": "greedy"} if strategy == "greedy" else {"strategy": "deal", "beam": 2, "topk": 3, "lookahead": 2}
+    search = {"strategy": "greedy"} if strategy == "greedy" else FORMAT_DEAL  # the eval's deal+mask settings
     for _, prompt, schema, words in items()[:5]:
         result = smollm2.generate(prompt, reward=keywords(words), json_schema=schema, max_new_tokens=128, **search)
         assert result.finished, result.text

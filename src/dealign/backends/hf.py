@@ -270,8 +270,9 @@ class HFBackend(Backend):
             done |= hit
             if cons is not None:
                 positions[j] = cons.mask(positions[j], ~done)
-        if n_forced > 1:
-            lp[:, 1:] = torch.stack(positions[:-1], 1).gather(2, forced[:, 1:, None]).squeeze(2)
+        if n_forced > 1:  # each forced token's log-prob under its (masked) position
+            before = logprobs[:, :-1] if cons is None else torch.stack(positions[:-1], 1)
+            lp[:, 1:] = before.gather(2, forced[:, 1:, None]).squeeze(2)
         active = []
         for p in pickers:
             p.fed = n_forced
