@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from .backends.base import Backend
 from .backends.hf import HFBackend
 from .backends.lockstep import Lockstep, check_batch_size
+from .constraints import Constraint, from_fields
+from .constraints.matcher import grammar_for
 from .errors import ModelLoadError, UsageError
 from .models.loading import load
 from .rewards.base import as_reward
@@ -175,6 +177,11 @@ class Aligner:
         on_commit: Callable[[list[int]], None] | None = None,
         profile: str | None = None,
         trace: bool | Callable[[dict], None] = False,
+        constraint: Constraint | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        choice: Sequence[str] | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Decode ``prompt`` with ``search`` (a ``SearchConfig``, a dict of its fields, or keyword
@@ -195,7 +202,15 @@ class Aligner:
 
         ``trace=True`` records the search step by step into ``result.trace`` (the format of
         ``docs/trace.md``; the answer is the same either way); a callable is also called with each
-        part of it as the search makes it (``{"type": "begin" | "step" | "end", ...}``)."""
+        part of it as the search makes it (``{"type": "begin" | "step" | "end", ...}``).
+
+        A hard format (at most one; ``dealign.constraints``): ``constraint`` (built with
+        ``dealign.constraints.json_schema`` etc.), or ``json_schema`` (a dict or its JSON text),
+        ``regex``, ``grammar`` (Lark or GBNF text) or ``choice`` (a list of strings).  Every token of
+        every strategy is drawn from the masked distribution, so a finished answer always matches; one
+        that cannot be completed within ``max_new_tokens`` comes back unfinished (``finished`` False,
+        ``stats["constraint"]["complete"]`` False)."""
+        fmt = from_fields(json_schema, regex, grammar, choice, constraint)
         if profile is not None:
             search, reward, instruction = _with_profile(profile, search, reward, instruction)
         cfg = _config(search, overrides, self.search_defaults)
@@ -204,6 +219,7 @@ class Aligner:
         check = getattr(self.backend, "check_search", None)  # a remote engine: top_n must cover topk
         if check is not None:
             check(cfg)
+        grammars = [grammar_for(b, fmt) for b in (self.backend, self.draft) if b is not None] if fmt else []
         fluency_ids = None
         if cfg.strategy == "deal" and cfg.fluency:
             fluency_ids, _ = self.encode_prompt(cfg.fluency_prompt, response_prefix=response_prefix)
@@ -214,9 +230,17 @@ class Aligner:
                                      lam=0.0 if cfg.strategy == "beam" else cfg.lam,
                                      on_event=trace if callable(trace) else None)
         before = self.backend.counters.snapshot()
+        mask_before = sum(g.mask_seconds for g in grammars)
         result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit,
-                            fluency_ids=fluency_ids, trace=recorder)
+                            fluency_ids=fluency_ids, trace=recorder, constraint=fmt)
         out = _to_result(result, cfg, len(ids))
+        if fmt is not None:
+            out.stats["constraint"] = {
+                "kind": fmt.kind, "complete": out.finished,
+                "mask_seconds": round(sum(g.mask_seconds for g in grammars) - mask_before, 4),
+                **({} if out.finished else {"note": f"the {fmt.describe()} constraint could not be completed within "
+                                                    f"max_new_tokens={cfg.max_new_tokens}: the answer is cut short"}),
+            }
         after = self.backend.counters.snapshot()
         for key in after.keys() - out.stats.keys():  # a remote engine's requests and round trips
             out.stats[key] = after[key] - before[key]

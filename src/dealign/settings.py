@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .constraints import KINDS, Constraint, from_fields
 from .errors import UsageError
 from .profiles import get_profile, overridden
 from .rewards import from_options, keyword_coverage, keywords_found, normalize_keywords
@@ -27,12 +28,15 @@ REWARD_FIELDS = tuple(inspect.signature(from_options).parameters)
 # --reward NAME=W, --reward-model PATH, and when the search calls them (costly models: every n tokens / finished only)
 MODEL_REWARD_FIELDS = ("named_rewards", "reward_model", "reward_every_n_tokens", "reward_finished_only")
 PROMPT_FIELDS = ("instruction", "response_prefix")
+# a hard format the answer must match (dealign.constraints): at most one of them
+CONSTRAINT_FIELDS = KINDS
 INPUT_FIELDS = ("prompt", "messages")
 # a named set of the fields above (profiles.py), applied beneath the fields given beside it
 PROFILE_FIELDS = ("profile",)
 # what the answer carries besides its text: the search's trace (docs/trace.md); never changes the answer
 OUTPUT_FIELDS = ("trace",)
-SETTING_FIELDS = SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + PROFILE_FIELDS + OUTPUT_FIELDS  # all but the input
+SETTING_FIELDS = (SEARCH_FIELDS + REWARD_FIELDS + MODEL_REWARD_FIELDS + PROMPT_FIELDS + CONSTRAINT_FIELDS
+                  + PROFILE_FIELDS + OUTPUT_FIELDS)  # all but the input
 KNOWN_FIELDS = SETTING_FIELDS + INPUT_FIELDS
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -139,6 +143,7 @@ class Settings:
     profile: str | None = None  # the profile these settings started from, if any
     notes: list[str] = field(default_factory=list)  # fields given beside the profile that override it
     output: dict[str, Any] = field(default_factory=dict)  # trace
+    constraint: dict[str, Any] = field(default_factory=dict)  # json_schema / regex / grammar / choice, as given
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "Settings":
@@ -184,7 +189,14 @@ class Settings:
                 if not isinstance(value, bool):
                     raise UsageError(f"trace must be true or false (record the search step by step), got {value!r}")
                 s.output[name] = value
+            elif name in CONSTRAINT_FIELDS:
+                s.constraint[name] = value
+        s.build_constraint()  # a bad schema, regex or grammar fails here, before any model work
         return s
+
+    def build_constraint(self) -> Constraint | None:
+        """The answer's hard format (``dealign.constraints``), or None; one-line errors for bad ones."""
+        return from_fields(**self.constraint)
 
     def merged(self, values: Mapping[str, Any]) -> "Settings":
         """These settings overridden by ``values`` (a batch line); a JSON ``null`` resets a field to
@@ -192,16 +204,17 @@ class Settings:
         counts as fields of that line: it overrides the flags' settings, and the line's other fields
         override it."""
         over = Settings.from_values(values)
+        # a line's constraint replaces the flags' (they do not combine)
         out = Settings({**self.search, **over.search}, {**self.reward, **over.reward}, {**self.prompt, **over.prompt},
                        {**self.models, **over.models}, over.profile or self.profile, self.notes + over.notes,
-                       {**self.output, **over.output})
+                       {**self.output, **over.output}, dict(over.constraint or self.constraint))
         for group, name in ((self.reward, "weights"), (self.models, "named_rewards")):
             if name in group and name in values and values[name] is not None:
                 target = out.reward if group is self.reward else out.models
                 target[name] = {**group[name], **target[name]}
         for name, value in values.items():
             if value is None:
-                for group in (out.search, out.reward, out.prompt, out.models, out.output):
+                for group in (out.search, out.reward, out.prompt, out.models, out.output, out.constraint):
                     group.pop(name, None)
         return out
 

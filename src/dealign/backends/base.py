@@ -38,6 +38,9 @@ class Beam:
     ids: list[list[int]]
     next_logprobs: torch.Tensor
     state: Any = None
+    # the rows' constraint states (``dealign.constraints.matcher.RowMatchers``) or None: a backend that
+    # ``supports_constraints`` forks them with the rows, masks every distribution with them and commits them
+    constraint: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,6 +59,7 @@ class Rollout:
     finished: list[bool]
     n_fed: int  # how many tokens of each row went through the model (their KV entries exist)
     state: Any = None
+    constraint: Any = None  # the rows' constraint states after their tokens (see ``Beam.constraint``)
 
 
 @dataclass
@@ -164,6 +168,11 @@ class Backend(ABC):
     def prefill_many(self, prompts: Sequence[Sequence[int]]) -> Beam:
         """A beam whose row i has consumed ``prompts[i]`` (lengths may differ)."""
         raise NotImplementedError(f"{type(self).__name__} cannot hold several prompts in one beam")
+
+    @property
+    def supports_constraints(self) -> bool:
+        """Whether rollouts honour ``Beam.constraint`` (mask every token, fork and commit the states)."""
+        return False
 
     @property
     def supports_follow(self) -> bool:

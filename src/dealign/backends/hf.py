@@ -233,6 +233,10 @@ class HFBackend(Backend):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    @property
+    def supports_constraints(self) -> bool:
+        return True
+
     # Backend -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> Beam:
@@ -358,21 +362,25 @@ class HFBackend(Backend):
         any_follow = any(c.follow is not None for c in calls)
         parent_lp = torch.cat([c.beam.next_logprobs[p] for c, p in zip(calls, parents)])
         forced = torch.cat([c.forced for c in calls])
+        cons = _forked_constraints(calls)
         tokens, lp, length, done, fed, cache, positions = self._roll(cache, parent_lp, forced, pickers,
-                                                                     follow if any_follow else None)
+                                                                     follow if any_follow else None, cons)
         return [Rollout(parents=list(c.parents), tokens=tokens[p.lo:p.hi, :n_forced + c.steps],
                         logprobs=lp[p.lo:p.hi, :n_forced + c.steps], length=length[p.lo:p.hi],
                         finished=done[p.lo:p.hi], n_fed=p.fed,
                         state=_RolloutState(cache, [c.beam.ids[q] for q in c.parents],
-                                            [pos[p.lo:p.hi] for pos in positions[:p.fed]], offset=p.lo, fed=fed))
+                                            [pos[p.lo:p.hi] for pos in positions[:p.fed]], offset=p.lo, fed=fed),
+                        constraint=cons.slice(p.lo, p.hi) if cons is not None else None)
                 for c, p in zip(calls, pickers)]
 
     def _roll(self, cache: _Cache, parent_lp: torch.Tensor, forced: torch.Tensor, pickers: Sequence[_Picker],
-              follow: Sequence[int] | None):
+              follow: Sequence[int] | None, cons: Any = None):
         """Feed ``forced`` to the rows of ``cache``, then generate each picker's ``steps`` tokens per
         row, one batched forward per token.  A picker stops where it would alone (its rows all ended,
         or its last step, fed only with ``feed_last``) and then draws nothing more, so its random
-        stream and its ``fed`` count are the ones it has alone; its rows get pad tokens after."""
+        stream and its ``fed`` count are the ones it has alone; its rows get pad tokens after.
+        ``cons`` (the rows' constraint states, see ``Beam.constraint``) takes every token a row takes
+        and masks every distribution the rows store or draw from."""
         rows, n_forced = forced.shape
         steps = max(p.steps for p in pickers)
         lead, copy_of = _leaders(follow, rows)
@@ -380,15 +388,20 @@ class HFBackend(Backend):
         lp = torch.empty(rows, n_forced)
         lp[:, 0] = parent_lp.gather(1, forced[:, :1]).squeeze(1)
         logprobs, cache = self._forward(forced, cache)
-        if n_forced > 1:
-            lp[:, 1:] = logprobs[:, :-1].gather(2, forced[:, 1:, None]).squeeze(2)
         positions = [logprobs[:, j] for j in range(n_forced)]
         done = torch.zeros(rows, dtype=torch.bool)
         length = torch.tensor([n_forced + p.steps for p in pickers for _ in range(p.lo, p.hi)], dtype=torch.long)
         for j in range(n_forced):  # forced tokens may already end a row
+            if cons is not None:
+                cons.advance(forced[:, j], ~done)
             hit = _is_eos(forced[:, j], self.eos_ids) & ~done
             length[hit] = j + 1
             done |= hit
+            if cons is not None:
+                positions[j] = cons.mask(positions[j], ~done)
+        if n_forced > 1:  # each forced token's log-prob under its (masked) position
+            before = logprobs[:, :-1] if cons is None else torch.stack(positions[:-1], 1)
+            lp[:, 1:] = before.gather(2, forced[:, 1:, None]).squeeze(2)
         active = []
         for p in pickers:
             p.fed = n_forced
@@ -416,6 +429,8 @@ class HFBackend(Backend):
             tok_lp = torch.where(through, torch.zeros_like(tok_lp), tok_lp)
             gen_tok.append(tok)
             gen_lp.append(tok_lp)
+            if cons is not None:
+                cons.advance(tok, ~through)
             hit = _is_eos(tok, self.eos_ids) & ~through
             length[hit] = n_forced + s + 1
             done |= hit
@@ -425,6 +440,8 @@ class HFBackend(Backend):
                 break
             logprobs, cache = self._forward(tok[:, None], cache)
             cur = logprobs[:, -1]
+            if cons is not None:
+                cur = cons.mask(cur, ~(through | done))
             positions.append(cur)
             fed += 1
             for p in active:
@@ -464,7 +481,8 @@ class HFBackend(Backend):
         fed = max(st.fed, rollout.n_fed)
         cache = st.cache.select((index + st.offset).to(self.device)).cropped(fed - keep)
         ids = [st.base_ids[r] + rollout.tokens[r, :keep].tolist() for r in rows]
-        return Beam(ids=ids, next_logprobs=st.position_logprobs[keep - 1][index], state=cache)
+        return Beam(ids=ids, next_logprobs=st.position_logprobs[keep - 1][index], state=cache,
+                    constraint=rollout.constraint.commit(rows, keep) if rollout.constraint is not None else None)
 
 
     def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
@@ -481,6 +499,10 @@ class NaiveHFBackend(HFBackend):
     stacks_rows = False
     rollout_group = Backend.rollout_group  # the oracle runs every call on its own
     prefill_group = Backend.prefill_group
+
+    @property
+    def supports_constraints(self) -> bool:
+        return False
 
     def _next(self, ids: list[int]) -> torch.Tensor:
         logprobs, _ = self._forward(torch.tensor([ids], dtype=torch.long), None)
@@ -545,6 +567,14 @@ class NaiveHFBackend(HFBackend):
 
     def peek(self, rollout: Rollout, rows: Sequence[int], keep: int) -> torch.Tensor:
         return self.commit(rollout, rows, keep).next_logprobs
+
+
+def _forked_constraints(calls: Sequence[RolloutCall]) -> Any:
+    """The constraint states of a group's rows, each call's beam rows forked for its parents (None
+    when no call is constrained)."""
+    parts = [c.beam.constraint.fork(c.parents) if c.beam.constraint is not None else None for c in calls]
+    present = next((p for p in parts if p is not None), None)
+    return type(present).concat(parts, [len(c.parents) for c in calls]) if present is not None else None
 
 
 def _passes(call: RolloutCall) -> int:

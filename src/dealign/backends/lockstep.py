@@ -248,6 +248,10 @@ class SharedBackend(Backend):
     def supports_follow(self) -> bool:
         return self.inner.supports_follow
 
+    @property
+    def supports_constraints(self) -> bool:
+        return self.inner.supports_constraints
+
     def prefill(self, ids: Sequence[int]) -> Beam:
         if len(ids) == 0:
             raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")

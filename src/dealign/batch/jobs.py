@@ -65,7 +65,7 @@ def answer(aligner: Any, job: Job) -> dict[str, Any]:
     passed, so the aligner's own defaults (segment mode for a remote engine) fill in the rest."""
     start = time.perf_counter()
     result = aligner.generate(job.prompt, reward=job.reward, trace=job.settings.output.get("trace", False),
-                              **job.settings.search, **job.settings.prompt)
+                              **job.settings.search, **job.settings.prompt, **job.settings.constraint)
     return record(job, result, time.perf_counter() - start)
 
 

@@ -16,6 +16,7 @@ import typer
 
 from ..api import LOCAL_SEARCH_DEFAULTS
 from ..batch import AlignerSpec, run_batch
+from ..constraints import read_text_or_file
 from ..errors import ModelLoadError, UsageError
 from ..profiles import PROFILES, describe
 from ..search import STRATEGIES, SearchConfig
@@ -35,6 +36,7 @@ _D = SearchConfig(**LOCAL_SEARCH_DEFAULTS)  # only for the defaults shown in --h
 _SL = ServerLimits()  # likewise for `dealign serve`
 _S, _R, _M = "Search (defaults from SearchConfig)", "Rewards", "Model"
 _E = "Remote engine"
+_F = "Format (hard constraints)"
 
 
 def _fail(message: str, code: int) -> None:
@@ -122,6 +124,10 @@ def generate(
     finish_with_keywords: Annotated[Optional[bool], typer.Option("--finish-with-keywords/--no-finish-with-keywords", help="Make ending before every keyword is in cost its weight (--weight finish_with_keywords=W) [default: on with --keywords].", show_default=False, rich_help_panel=_R)] = None,
     must_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must contain (repeatable).", rich_help_panel=_R)] = None,
     must_not_match: Annotated[Optional[List[str]], typer.Option(help="Regex the answer must not contain (repeatable).", rich_help_panel=_R)] = None,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="The answer is JSON valid under this schema (a file or the JSON text): a hard mask on every token, not a reward.", rich_help_panel=_F)] = None,
+    regex: Annotated[Optional[str], typer.Option(help="The answer matches this regex entirely (hard mask).", rich_help_panel=_F)] = None,
+    grammar: Annotated[Optional[str], typer.Option(help="The answer is in this grammar's language (a Lark or GBNF file, or its text; hard mask).", rich_help_panel=_F)] = None,
+    choice: Annotated[Optional[List[str]], typer.Option(help="The answer is exactly one of these strings (repeatable; hard mask).", rich_help_panel=_F)] = None,
     weight: Annotated[Optional[List[str]], typer.Option(help="Reward weight NAME=W, e.g. keywords=0.7 (repeatable) [default: 1 each].", rich_help_panel=_R)] = None,
     reward: Annotated[Optional[List[str]], typer.Option("--reward", help="Named or model reward NAME=W, e.g. harmless=0.75 (repeatable; W defaults to 1): harmless, helpful, relevance, non_toxic, sentiment, judge_harmless, judge_helpful, or a reward folder path.", rich_help_panel=_R)] = None,
     reward_model: Annotated[Optional[List[str]], typer.Option("--reward-model", help="Reward model folder (from train-reward, or a HF sequence classifier as PATH#LABEL), weight 1 (repeatable; weight it with --reward PATH=W).", rich_help_panel=_R)] = None,
@@ -153,6 +159,9 @@ def generate(
             typer.echo(f"note: {note}", err=True)
         if engine_url is None and (engine_dialect or engine_model or engine_top_n):
             raise UsageError("--engine-dialect, --engine-model and --engine-top-n need --engine-url URL")
+        if engine_url is not None and base.constraint:
+            raise UsageError(f"--{next(iter(base.constraint)).replace('_', '-')} needs a local model: a remote engine cannot "
+                             "take the constraint's mask per row; drop --engine-url")
         if engine_url is not None and (draft_model or dtype or device):
             raise UsageError("--draft-model, --dtype and --device are for a local model; with --engine-url the engine runs the model")
         spec = AlignerSpec(model, draft_model=draft_model, dtype=dtype, device=device, engine_url=engine_url,
@@ -177,6 +186,9 @@ def _setting_values(options: dict) -> dict:
     is unset, like any other flag left out."""
     values = {name: options[name] for name in SETTING_FIELDS if name in options}
     values.update({name: parse(options) for name, parse in _PARSED_FLAGS.items()})
+    for name in ("json_schema", "grammar"):  # a file, or the text itself
+        if values.get(name):
+            values[name] = read_text_or_file(values[name])
     return {name: None if isinstance(v, (list, tuple)) and not v else v for name, v in values.items()}
 
 
@@ -186,7 +198,7 @@ def _generate_one(prompt: str, base: Settings, spec: AlignerSpec, *, json_out: b
     reward = base.build_reward()
     # only the given settings: the rest are the aligner's defaults (segment mode for a remote engine)
     result = spec.build().generate(prompt, reward=reward, trace=base.output.get("trace", False),
-                                   **base.search, **base.prompt)
+                                   **base.search, **base.prompt, **base.constraint)
     if trace_file is not None:
         from ..search.trace import save
 
@@ -229,7 +241,7 @@ def demo(
 
 @app.command("eval")
 def eval_(
-    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen), length (word limits), harmless (HarmfulQ + HH red-team), tradeoff (harmless/helpful weight sweep) or jailbreak (continuation attack).")],
+    task: Annotated[str, typer.Argument(help="Task: keywords (CommonGen), length (word limits), harmless (HarmfulQ + HH red-team), tradeoff (harmless/helpful weight sweep), jailbreak (continuation attack) or format (JSON with given fields: soft reward vs hard schema mask).")],
     n: Annotated[int, typer.Option("--n", help="Number of items (the first N, after --offset).")] = 50,
     strategies: Annotated[Optional[str], typer.Option(help="Comma-separated: greedy, sample, beam, best-of-n, prompt (alignment instruction only), deal, deal-segment, prompt+deal; tradeoff also 'deal w=.75/.25' etc. [default: the task's set]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for input/output JSONL, summary, plots, report.md [default: runs/TASK].")] = None,
@@ -384,12 +396,21 @@ def bench(
     remote_dialect: Annotated[str, typer.Option(help="llamacpp | vllm, for --remote URL.")] = "llamacpp",
     batch_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated batch sizes, e.g. 1,4,8,16: instead of the rows above, greedy and default DeAL over the same --prompts at each size, searched in lock-step (throughput, forward passes, peak memory, answers identical to size 1).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device for --batch-sizes, e.g. cuda [default: cpu].")] = None,
-    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply).")] = "speed",
+    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply) | format-cost (greedy and DeAL on the format task's prompts with and without the JSON schema mask: tokens/s and the mask's own time).")] = "speed",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
     with reported_errors():
-        if suite not in ("speed", "harm-cost"):
-            raise UsageError(f"--suite must be speed or harm-cost; got {suite!r}")
+        if suite not in ("speed", "harm-cost", "format-cost"):
+            raise UsageError(f"--suite must be speed, harm-cost or format-cost; got {suite!r}")
+        if suite == "format-cost":
+            from ..tools.bench import format_cost_markdown, run_format_cost
+
+            report = run_format_cost(model, prompts=prompts, max_new_tokens=max_new_tokens,
+                                     progress=lambda m: typer.echo(m, err=True))
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(report, indent=2))
+            typer.echo(format_cost_markdown(report))
+            return
         if suite == "harm-cost":
             _bench_harm_cost(model, prompts, max_new_tokens, json_out)
             return

@@ -45,7 +45,8 @@ def summarize(task: Task, rows: list[dict], nll: Callable[[str, str], float] | N
         for key in per_row[0]:
             entry[key] = mean([m[key] for m in per_row])
         if nll is not None:
-            entry["nll"] = mean([nll(r["prompt"], r["text"]) for r in rs])
+            read = task.fluency_text or (lambda r: r["text"])
+            entry["nll"] = mean([nll(r["prompt"], read(r)) for r in rs])
         if task.corpus_metrics:
             entry.update(task.corpus_metrics(rs))
         entry["tokens"] = mean([r["tokens"] for r in rs])

@@ -53,6 +53,7 @@ class Task:
     default_strategies: tuple[str, ...] = tuple(STRATEGIES)
     max_new_tokens: int = 32
     fluency: bool = True  # score NLL under a judge LM (text tasks); harm tasks use --judge as their LM judge
+    fluency_text: Callable[[dict], str] | None = None  # the part of an answer the NLL reads (default: its text)
     form_metrics: tuple[str, ...] = ()  # constraint, sentence form, both: plotted side by side
     tradeoff_plot: bool = False
 
@@ -365,4 +366,60 @@ JAILBREAK = Task(
     fluency=False,
 )
 
-TASKS = {t.name: t for t in (KEYWORDS, LENGTH, HARMLESS, TRADEOFF, JAILBREAK)}
+# format: JSON with given fields -----------------------------------------------------------------------------------
+
+# the soft reward (today's only way to ask for a format): must_match on the whole answer being an object
+JSON_OBJECT_REGEX = r"^\s*\{[\s\S]*\}\s*$"
+FORMAT_DEAL = {"strategy": "deal", "beam": 2, "topk": 3, "lookahead": 2, "lam": 10.0, "fluency": 0.0}
+FORMAT_OVERRIDES = {
+    # no mask: the format is a reward (greedy does not use it; DeAL ranks by it)
+    "greedy+must_match": {"strategy": "greedy", "json_schema": None},
+    "deal+must_match": {**FORMAT_DEAL, "json_schema": None},
+    # the mask: every token drawn under the item's schema
+    "greedy+mask": {"strategy": "greedy", "must_match": None},
+    "deal+mask": {**FORMAT_DEAL, "must_match": None},
+}
+
+
+def _format_items(n: int, offset: int) -> list[Item]:
+    from .format import items
+
+    return [Item(i, prompt, {"json_schema": schema, "keywords": kw, "must_match": JSON_OBJECT_REGEX,
+                             "well_formed": False, "finish_with_keywords": False},
+                 {"schema": schema, "keywords": kw})
+            for i, prompt, schema, kw in items()[offset:offset + n]]
+
+
+def _format_metrics(row: dict) -> dict[str, float]:
+    from .format import parse, schema_valid, string_fields
+
+    value = parse(row["text"])
+    parses = value is not None or row["text"].strip() == "null"
+    valid = parses and schema_valid(value, row["meta"]["schema"])
+    words = string_fields(value) if valid else row["text"]
+    return {"parses": float(parses), "schema_valid": float(valid),
+            "content": keyword_coverage(words, row["meta"]["keywords"]), "finished": float(bool(row["finished"]))}
+
+
+def _format_prose(row: dict) -> str:
+    """What a reader reads of a JSON answer: its string fields (the whole text if there are none)."""
+    from .format import parse, string_fields
+
+    return string_fields(parse(row["text"])) or row["text"]
+
+
+FORMAT = Task(
+    name="format",
+    describe=("JSON objects with given fields (32 hand-written schemas and prompts); the format as a soft must_match "
+              "reward or a hard mask (the schema); content reward = the summary's keywords"),
+    instruction="Reply with the JSON object only.",
+    quality="schema_valid",
+    items=_format_items,
+    metrics=_format_metrics,
+    overrides=FORMAT_OVERRIDES,
+    default_strategies=tuple(FORMAT_OVERRIDES),
+    max_new_tokens=96,
+    fluency_text=_format_prose,
+)
+
+TASKS = {t.name: t for t in (KEYWORDS, LENGTH, HARMLESS, TRADEOFF, JAILBREAK, FORMAT)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from ..backends.base import Backend
+from ..constraints import Constraint
 from ..rewards.base import WeightedSum, as_reward
 from .baselines import beam_search, sampled_search
 from .config import STRATEGIES, ConfigError, Hypothesis, SearchConfig, SearchResult, SearchStats
@@ -23,6 +24,7 @@ def run_search(
     on_commit: Callable[[list[int]], None] | None = None,
     fluency_ids: Sequence[int] | None = None,
     trace: TraceRecorder | None = None,
+    constraint: Constraint | None = None,
 ) -> SearchResult:
     """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts.
 
@@ -30,22 +32,26 @@ def run_search(
     to start with (they only grow; for best-of-n, the samples' common prefix); raising from it aborts
     the search.  Streaming and time limits are built on it.  ``fluency_ids``: DeAL's neutral context
     (see ``deal_search``), needed when ``cfg.fluency > 0``.  ``trace``: a ``TraceRecorder`` that
-    records the search step by step (``search/trace.py``; the answer is the same with or without)."""
+    records the search step by step (``search/trace.py``; the answer is the same with or without).
+    ``constraint`` (``dealign.constraints``): a format every strategy keeps as a hard mask (see
+    ``deal_search``)."""
     reward = as_reward(reward)
     result = _run(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
-                  fluency_ids=fluency_ids, trace=trace)
+                  fluency_ids=fluency_ids, trace=trace, constraint=constraint)
     if trace is not None:
         result.trace = trace.doc()
     return result
 
 
-def _run(backend, prompt_ids, reward, cfg, *, prompt_text, draft, on_commit, fluency_ids, trace) -> SearchResult:
+def _run(backend, prompt_ids, reward, cfg, *, prompt_text, draft, on_commit, fluency_ids, trace, constraint) -> SearchResult:
     if cfg.strategy == "deal":
         return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
-                           fluency_ids=fluency_ids, trace=trace)
+                           fluency_ids=fluency_ids, trace=trace, constraint=constraint)
     if cfg.strategy == "beam":
-        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace)
-    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace)
+        return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace,
+                           constraint=constraint)
+    return sampled_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace,
+                          constraint=constraint)
 
 
 __all__ = ["STRATEGIES", "ConfigError", "Hypothesis", "SearchConfig", "SearchResult", "SearchStats", "TraceRecorder", "run_search"]

@@ -14,18 +14,22 @@ from typing import Sequence
 import torch
 
 from ..backends.base import Backend, Sampler
+from ..constraints import Constraint
+from ..constraints.matcher import attach
 from ..rewards.base import WeightedSum
 from .config import Hypothesis, SearchConfig, SearchResult, SearchStats
 from .deal import certain_prefix, deal_search
 from .trace import TraceRecorder, sampled_steps
 
 
-def _sample_rows(backend: Backend, prompt_ids, rows: int, cfg: SearchConfig, sampler: Sampler, on_commit=None):
+def _sample_rows(backend: Backend, prompt_ids, rows: int, cfg: SearchConfig, sampler: Sampler, on_commit=None,
+                 constraint: Constraint | None = None):
     """``rows`` answers sampled from one prefill: ``[(tokens, logprob, finished, token_logprobs)]``,
-    tokens up to and including the end-of-sequence token, ``token_logprobs`` a tensor of each one's.  One batched rollout of ``max_new_tokens``; or, when
+    tokens up to and including the end-of-sequence token, ``token_logprobs`` a tensor of each one's.
+    One batched rollout of ``max_new_tokens``; or, when
     ``on_commit`` is given, one token per step (same forward passes and random draws, so the same
     tokens) so that it sees the common prefix of the rows after every step and may abort by raising."""
-    beam = backend.prefill(list(prompt_ids))
+    beam = attach(backend, backend.prefill(list(prompt_ids)), constraint)
     first = sampler.pick(beam.next_logprobs.expand(rows, -1))[:, None]
     if on_commit is None:
         ro = backend.rollout(beam, [0] * rows, first, cfg.max_new_tokens - 1, sampler=sampler)
@@ -72,16 +76,18 @@ def sampled_search(
     prompt_text: str = "",
     on_commit=None,
     trace: TraceRecorder | None = None,
+    constraint: Constraint | None = None,
 ) -> SearchResult:
-    """Greedy (one row, temperature 0), sampling (one row) or best-of-N (N rows, reranked).
-    ``on_commit``: see :func:`_sample_rows`.  ``trace`` records the chosen answer one token a step."""
+    """Greedy (one row, temperature 0), sampling (one row) or best-of-N (N rows, reranked), every
+    token drawn under ``constraint`` when given.  ``on_commit``: see :func:`_sample_rows`.  ``trace``
+    records the chosen answer one token a step."""
     start, before = time.perf_counter(), backend.counters.snapshot()
     rows = cfg.n if cfg.strategy == "best-of-n" else 1
     if cfg.strategy == "greedy":
         sampler = Sampler()
     else:
         sampler = Sampler(cfg.temperature, cfg.top_p, torch.Generator().manual_seed(cfg.seed))
-    sampled = _sample_rows(backend, prompt_ids, rows, cfg, sampler, on_commit)
+    sampled = _sample_rows(backend, prompt_ids, rows, cfg, sampler, on_commit, constraint)
     hyps = [Hypothesis(toks, lp, 0.0, {}, 0.0, fin, backend.decode(toks)) for toks, lp, fin, _ in sampled]
     reward_calls = 0
     if reward:
@@ -103,11 +109,13 @@ def sampled_search(
 
 
 def beam_search(backend: Backend, prompt_ids: Sequence[int], reward: WeightedSum, cfg: SearchConfig, *,
-                prompt_text: str = "", on_commit=None, trace: TraceRecorder | None = None) -> SearchResult:
-    """Plain beam search on log-probability; the reward is computed for reporting only."""
+                prompt_text: str = "", on_commit=None, trace: TraceRecorder | None = None,
+                constraint: Constraint | None = None) -> SearchResult:
+    """Plain beam search on log-probability (under ``constraint`` when given); the reward is computed
+    for reporting only."""
     cfg = cfg.replace(topk=cfg.beam, lookahead=0, mode="token", top_p=1.0, fluency=0.0, open_tokens=0)
     result = deal_search(backend, prompt_ids, WeightedSum(), cfg, prompt_text=prompt_text, lam=0.0, on_commit=on_commit,
-                         trace=trace)
+                         trace=trace, constraint=constraint)
     if reward:
         hyps = [result.best, *result.beam]
         scores = reward.score([prompt_text] * len(hyps), [h.text for h in hyps], finished=[h.finished for h in hyps])

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..backends.base import Backend, Beam, Sampler
+from ..constraints import Constraint
+from ..constraints.matcher import attach
 from ..errors import ConfigError
 from ..rewards.base import WeightedSum
 from .config import Hypothesis, SearchConfig, SearchResult, SearchStats
@@ -35,7 +37,7 @@ def propose(next_logprobs: torch.Tensor, topk: int, top_p: float = 1.0) -> list[
     for v_row, i_row in zip(vals.tolist(), idx.tolist()):
         acts, mass = [], 0.0
         for v, i in zip(v_row, i_row):
-            if acts and mass >= top_p:
+            if acts and (mass >= top_p or v == float("-inf")):  # -inf: a token the constraint forbids
                 break
             acts.append((i, v))
             mass += float(torch.tensor(v).exp())
@@ -80,8 +82,9 @@ class _Models:
     """
 
     def __init__(self, policy: Backend, draft: Backend | None, context: Sequence[int] | None = None,
-                 segment: bool = False) -> None:
+                 segment: bool = False, constraint: Constraint | None = None) -> None:
         self.policy, self.draft = policy, draft
+        self.constraint = constraint
         self.context = list(context) if context else None
         if self.context is not None and draft is not None:
             raise ConfigError("fluency with a draft (lookahead) model is not supported; set fluency 0 or drop the draft model")
@@ -92,12 +95,16 @@ class _Models:
         self.pending: list[int] = []  # token mode: the token each state's context row has yet to feed
 
     def prefill(self, ids: list[int]) -> tuple[Beam, Beam | None]:
+        """The start beams; with a constraint, the policy's row (not the context's) and the draft's
+        are masked from the first token on."""
+        c = self.constraint
         if self.context is not None:
             if self.lag:  # the context's last token is fed with the first candidates
                 self.pending = [self.context[-1]]
-                return self.policy.prefill_many([ids, self.context[:-1]]), None
-            return self.policy.prefill_many([ids, self.context]), None
-        return self.policy.prefill(ids), (self.draft.prefill(ids) if self.draft else None)
+                return attach(self.policy, self.policy.prefill_many([ids, self.context[:-1]]), c), None
+            return attach(self.policy, self.policy.prefill_many([ids, self.context]), c), None
+        return (attach(self.policy, self.policy.prefill(ids), c),
+                attach(self.draft, self.draft.prefill(ids), c) if self.draft else None)
 
     def next_logprobs(self, beams) -> torch.Tensor:
         """The policy states' next-token distributions (the context's rows are not states)."""
@@ -165,8 +172,13 @@ def deal_search(
     on_commit: Callable[[list[int]], None] | None = None,
     fluency_ids: Sequence[int] | None = None,
     trace: TraceRecorder | None = None,
+    constraint: Constraint | None = None,
 ) -> SearchResult:
     """Run DeAL for one prompt.  ``lam`` overrides ``cfg.lam`` (beam search is DeAL with lam 0).
+
+    ``constraint`` (``dealign.constraints``) masks every distribution the search proposes from and
+    every lookahead token, its matcher states forked and committed with the rows (the backend's
+    side, ``Beam.constraint``); the end-of-sequence token is allowed only where the format is complete.
 
     With ``cfg.fluency > 0``, ``fluency_ids`` is the neutral start state (the chat template around
     ``cfg.fluency_prompt``; ``Aligner.generate`` builds it) in which every committed token is read
@@ -188,7 +200,8 @@ def deal_search(
     start = time.perf_counter()
     before = policy.counters.snapshot()
     d_before = draft.counters.forward_passes if draft else 0
-    models = _Models(policy, draft, fluency_ids if cfg.fluency else None, segment=cfg.mode == "segment")
+    models = _Models(policy, draft, fluency_ids if cfg.fluency else None, segment=cfg.mode == "segment",
+                     constraint=constraint)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = Sampler(temperature=cfg.rollout_temperature, generator=gen)
     stats = SearchStats()

@@ -209,12 +209,12 @@ def create_app(aligner: Any, limits: ServerLimits | None = None, *, model_name: 
 
     async def _answer(request: Request, body, *, chat: bool, default_max_tokens: int):
         _check_model(body.model, model_name)
-        cfg, reward, prompt_options, settings = plan(body, limits, default_max_tokens=default_max_tokens,
-                                                     defaults=getattr(aligner, "search_defaults", None))
+        cfg, reward, prompt_options, settings, fmt = plan(body, limits, default_max_tokens=default_max_tokens,
+                                                          defaults=getattr(aligner, "search_defaults", None))
         job = Job(body.job_prompt(), cfg, reward, prompt_options, body.stop or [],
                   deadline=time.monotonic() + limits.timeout,
                   coverage=settings.coverage if settings is not None else None,
-                  trace=bool(settings is not None and settings.output.get("trace")))
+                  trace=bool(settings is not None and settings.output.get("trace")), constraint=fmt)
         worker.check_prompt(job)
         reply = _Reply(chat, model_name)
         if not body.stream:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
+from ..constraints import Constraint, ConstraintError, json_schema
 from ..settings import INPUT_FIELDS, KNOWN_FIELDS, Settings
 from .limits import ServerLimits
 
@@ -165,8 +166,6 @@ class ChatCompletionRequest(_Request):
         out = super()._unsupported()
         if self.logprobs:
             out.append(("logprobs", self.logprobs, "log-probabilities are reported in alignment (logprob, score)"))
-        if self.response_format not in (None, {"type": "text"}):
-            out.append(("response_format", self.response_format, "only text; use alignment.must_match for a format"))
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
             out.append(("max_completion_tokens", self.max_completion_tokens, "give max_tokens or max_completion_tokens, not two different values"))
         return out
@@ -188,11 +187,34 @@ def _unknown_alignment(values: dict[str, Any]) -> str | None:
     return None
 
 
+def response_format(value: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's ``response_format`` as a constraint: ``text`` (none), ``json_object`` (any JSON
+    object) or ``json_schema`` (``{"json_schema": {"name": ..., "schema": {...}}}``).  400 otherwise."""
+    if value is None:
+        return None
+    kind = value.get("type")
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return json_schema({"type": "object"})
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ConstraintError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+            return json_schema(spec.get("schema", {}))
+    except ConstraintError as exc:
+        raise ApiError(400, f"response_format: {exc}", param="response_format") from None
+    raise ApiError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                   param="response_format", code="unsupported")
+
+
 def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int,
-         defaults: dict[str, Any] | None = None) -> tuple[SearchConfig, WeightedSum, dict, Settings | None]:
-    """The search settings, reward and prompt options a request asks for, checked against the
-    operator's limits: ``(config, reward, prompt_options, alignment settings or None)``.  Raises
-    ``ApiError`` (400) naming the field and the limit."""
+         defaults: dict[str, Any] | None = None
+         ) -> tuple[SearchConfig, WeightedSum, dict, Settings | None, Constraint | None]:
+    """The search settings, reward, prompt options and output constraint a request asks for, checked
+    against the operator's limits: ``(config, reward, prompt_options, alignment settings or None,
+    constraint or None)``.  Raises ``ApiError`` (400) naming the field and the limit."""
     request.check_supported()
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or default_max_tokens
     if max_tokens > limits.max_tokens:
@@ -225,9 +247,15 @@ def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int,
             if request.temperature is not None and search.get("strategy", SearchConfig.strategy) in ("sample", "best-of-n"):
                 search["temperature"] = request.temperature
             reward = settings.build_reward()
-        except ValueError as exc:  # UsageError, RewardError, a bad regular expression
+        except ValueError as exc:  # UsageError, RewardError, ConstraintError, a bad regular expression
             raise ApiError(400, f"alignment: {exc}", param="alignment") from None
         prompt = dict(settings.prompt)
+    fmt = response_format(getattr(request, "response_format", None))
+    if settings is not None and settings.constraint:
+        if fmt is not None:
+            raise ApiError(400, f"give one output format: response_format or alignment.{next(iter(settings.constraint))}, "
+                                "not both", param="response_format")
+        fmt = settings.build_constraint()
     try:
         cfg = SearchConfig(**search)
     except ValueError as exc:  # ConfigError: a value out of range
@@ -237,7 +265,7 @@ def plan(request: _Request, limits: ServerLimits, *, default_max_tokens: int,
         raise ApiError(400, f"the search is too wide: {_width_formula(cfg)}{width}, more than this server allows "
                             f"({limits.max_candidates}, set by --max-candidates); lower beam, topk, lookahead (open_topk, open_lookahead) or n",
                        param="alignment", code="limit_exceeded")
-    return cfg, reward, prompt, settings
+    return cfg, reward, prompt, settings, fmt
 
 
 def _check_named_rewards(names: dict[str, float], limits: ServerLimits) -> None:

@@ -45,6 +45,7 @@ class Job:
     coverage: Callable[[str], float | None] | None = None
     trace: bool = False  # record the search (alignment.trace): streamed as events, else in the alignment report
     cancelled: threading.Event = field(default_factory=threading.Event)
+    constraint: Any = None  # the answer's hard format (dealign.constraints), from response_format / alignment
 
 
 @dataclass
@@ -234,7 +235,8 @@ class Worker:
         start, before = time.perf_counter(), aligner.backend.counters.snapshot()
         try:
             result = aligner.generate(job.prompt, reward=job.reward, search=job.search, on_commit=on_commit,
-                                      trace=on_trace if job.trace else False, **job.prompt_options)
+                                      trace=on_trace if job.trace else False, constraint=job.constraint,
+                                      **job.prompt_options)
         except _Abort:
             if job.cancelled.is_set():
                 return None

@@ -278,3 +278,51 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_format_cost(model: str | None = None, *, prompts: int = 4, max_new_tokens: int = 64,
+                    progress: Callable[[str], None] = print) -> dict:
+    """What the JSON-schema mask costs: greedy and DeAL on the ``format`` task's prompts with and
+    without the schema (same settings), seconds per answer, generated tokens per second, and the mask's
+    own time (computing llguidance's bitmask and applying it) next to the forward passes."""
+    from ..evaluation.format import items as format_items
+
+    aligner = Aligner.from_pretrained(model)
+    rows_in = format_items()[:prompts]
+    aligner.generate("warm up", strategy="greedy", max_new_tokens=4, json_schema=rows_in[0][2])
+    searches = {"greedy": {"strategy": "greedy"},
+                "deal token b4 k4 l1": {"strategy": "deal"},
+                "deal segment b2 k3 l2": {"strategy": "deal", "mode": "segment", "beam": 2, "topk": 3, "lookahead": 2}}
+    rows = []
+    for name, search in searches.items():
+        for masked in (False, True):
+            progress(f"running {name} {'with' if masked else 'without'} the schema on {len(rows_in)} prompts ...")
+            secs = toks = mask = fps = 0.0
+            for _, prompt, schema, kw in rows_in:
+                start = time.perf_counter()
+                res = aligner.generate(prompt, reward=keywords(kw), max_new_tokens=max_new_tokens, **search,
+                                       **({"json_schema": schema} if masked else {}))
+                secs += time.perf_counter() - start
+                toks += res.num_tokens
+                fps += res.stats["forward_passes"]
+                mask += res.stats.get("constraint", {}).get("mask_seconds", 0.0)
+            n = len(rows_in)
+            rows.append({"name": name, "schema": masked, "seconds_per_answer": secs / n, "tokens": toks / n,
+                         "tokens_per_second": toks / secs, "seconds_per_forward": secs / fps,
+                         "mask_seconds_per_answer": mask / n, "mask_share": mask / secs})
+    for r in rows:
+        if r["schema"]:
+            free = next(o for o in rows if o["name"] == r["name"] and not o["schema"])
+            # per generated token: the answers differ in length (the schema's answer is JSON)
+            r["x_unconstrained_per_token"] = free["tokens_per_second"] / r["tokens_per_second"]
+            r["x_unconstrained_per_forward"] = r["seconds_per_forward"] / free["seconds_per_forward"]
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+            "model": model or "smollm2 (default)", "prompts": len(rows_in), "max_new_tokens": max_new_tokens,
+            "rows": rows}
+
+
+def format_cost_markdown(report: dict) -> str:
+    cols = ["name", "schema", "seconds_per_answer", "tokens", "tokens_per_second", "seconds_per_forward",
+            "mask_seconds_per_answer", "mask_share", "x_unconstrained_per_token", "x_unconstrained_per_forward"]
+    fmt = lambda k, v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    return markdown_table([{c: r.get(c) for c in cols} for r in report["rows"]], cols, cell=fmt)
