@@ -110,25 +110,6 @@ def test_empty_prompt_is_rejected(tiny_aligner, prompt):
         tiny_aligner.generate(prompt, search=FAST)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_rewards_read_the_answer_with_its_response_prefix(tiny_aligner, strategy):
-    """A pre-filled prefix is part of the answer the user sees, so every reward call reads it first
-    (the continuation attack's "Sure, here is how to ..." must count against a harmlessness reward)."""
-    seen: list[str] = []
-
-    def spy(prompts, completions, **_):
-        seen.extend(completions)
-        return [float("sure" in c.lower()) for c in completions]
-
-    res = tiny_aligner.generate("a cat sleeps", response_prefix="Sure, the", reward=Reward(spy, name="spy"),
-                                strategy=strategy, search=FAST)
-    assert seen and all(c.startswith("Sure, the") for c in seen)
-    assert not res.text.startswith("Sure, the") and res.rewards["spy"] == 1.0
-    seen.clear()
-    tiny_aligner.generate("a cat sleeps", reward=Reward(spy, name="spy"), strategy=strategy, search=FAST)
-    assert not any(c.startswith("Sure, the") for c in seen)
-
-
 def test_empty_prompt_with_a_response_prefix_is_fine(tiny_aligner):
     assert tiny_aligner.generate("", response_prefix="The dog", search=FAST).num_tokens >= 1
 

@@ -214,7 +214,7 @@ class Aligner:
         if profile is not None:
             search, reward, instruction = _with_profile(profile, search, reward, instruction)
         cfg = _config(search, overrides, self.search_defaults)
-        rsum = as_reward(reward).after(response_prefix)  # rewards read the answer as the user sees it
+        rsum = as_reward(reward)
         ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
         check = getattr(self.backend, "check_search", None)  # a remote engine: top_n must cover topk
         if check is not None:

@@ -120,8 +120,7 @@ class RewardScores:
 class WeightedSum:
     """``sum(w_i * R_i)``: the heuristic the search maximises, with the breakdown kept per reward."""
 
-    def __init__(self, terms: Sequence[tuple[Reward, float]] = (), *, lead: str = "") -> None:
-        self.lead = lead  # text the user sees before every completion (a pre-filled response prefix)
+    def __init__(self, terms: Sequence[tuple[Reward, float]] = ()) -> None:
         self.terms: list[tuple[Reward, float]] = []
         for reward, weight in terms:
             weight = float(weight)
@@ -153,13 +152,6 @@ class WeightedSum:
 
     def __bool__(self) -> bool:
         return bool(self.terms)
-
-    def after(self, lead: str) -> "WeightedSum":
-        """The same sum scoring ``lead + completion``: the answer as its reader sees it.  Why: with a
-        pre-filled response prefix ("Sure, here is how to") the search makes only the continuation,
-        but whether the answer complies, covers a keyword or keeps a word limit is a property of the
-        whole visible answer ("... craft the perfect device." reads as harmless alone)."""
-        return WeightedSum(self.terms, lead=lead)
 
     def __mul__(self, weight: float) -> "WeightedSum":
         if not isinstance(weight, (int, float)):
@@ -195,8 +187,6 @@ class WeightedSum:
         let rewards with ``every_n_tokens > 1`` be skipped on steps that do not cross a multiple of n
         (finished texts are always scored); skipped texts score 0 for that step.
         """
-        if self.lead:
-            completions = [self.lead + c for c in completions]
         n = len(completions)
         if len(prompts) != n:
             raise RewardError(f"got {len(prompts)} prompts for {n} completions")
