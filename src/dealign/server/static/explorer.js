@@ -7,7 +7,7 @@
 const TRACE_FORMAT = "dealign-trace";
 const TRACE_VERSION = 1;
 const EXAMPLES = [
-  {label: "Keywords: dog, frisbee, catch", prompt: "Write one sentence about a dog in the park.",
+  {label: "Keywords: dog, frisbee, catch", prompt: "Write one sentence about a dog playing frisbee in the park.",
    keywords: "dog, frisbee, catch"},
   {label: "Short answer: at most 8 words", prompt: "Describe the ocean.", keywords: "", maxWords: 8},
   {label: "Avoid words: water, blue", prompt: "Tell me about the sea.", keywords: "", banned: "water, blue"},
