@@ -1,9 +1,9 @@
 """What the operator of ``dealign serve`` allows one request to cost, and how many may wait.
 
 Every request is checked against these before it is queued (or, for the prompt length, when its turn
-comes): a request over a limit gets a 400 naming the limit and the flag that sets it.  With one search
-running at a time and at most ``queue_size`` waiting, the server's memory is bounded by
-``(queue_size + 1)`` requests of at most these sizes.
+comes): a request over a limit gets a 400 naming the limit and the flag that sets it.  With at most
+``max_batch`` searches running and ``queue_size`` waiting, the server's memory is bounded by
+``(queue_size + max_batch)`` requests of at most these sizes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class ServerLimits:
     max_prompt_tokens: int = 2048  # prompt after the chat template and instruction (--max-prompt-tokens)
     timeout: float = 60.0  # seconds from arrival to answer, queue included (--timeout)
     queue_size: int = 16  # requests waiting while max_batch run; beyond: 429 (--queue-size)
-    max_batch: int = 1  # requests searching together, batched step by step (--max-batch); 1: one at a time (see docs/serving.md)
+    max_batch: int = 8  # requests searching together, batched step by step (--max-batch); 1: one at a time (see docs/serving.md)
     prefix_cache_mb: float = 64.0  # recent prompts' KV caches kept, so a shared opening is read once (--prefix-cache-mb; 0: off)
     max_body_bytes: int = 1_000_000  # request body (--max-body-bytes)
     max_connections: int = 64  # open connections; beyond: 503 from uvicorn (--max-connections)
