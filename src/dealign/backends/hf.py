@@ -72,10 +72,19 @@ class _Cache:
     def select(self, index: torch.Tensor) -> "_Cache":
         """The rows ``index`` (repeats allowed), not copied yet; columns that every chosen row pads are
         dropped, so a row that leaves a batch of longer prompts is back on the plain path."""
-        rows = self.index[index] if self.index is not None else index
+        base, rows, start, end = self._source(index)
+        return _Cache(base, None, rows, start, end).with_pads(self.pads, index)
+
+    def _source(self, index: torch.Tensor | None = None) -> tuple[DynamicCache, torch.Tensor | None, int, int]:
+        """Where rows ``index`` of this cache (all of them for None) live: ``(cache, its rows, first
+        column, end column)`` -- the copy once ``kv`` made one, else ``base``."""
         if self._kv is not None and self._kv is not self.base:  # already copied out: index the copy
-            return _Cache(self._kv, None, index, 0, None).with_pads(self.pads, index)
-        return _Cache(self.base, None, rows, self.start, self.end).with_pads(self.pads, index)
+            return self._kv, index, 0, self._kv.get_seq_length()
+        if index is not None and self.index is not None:
+            index = self.index[index]
+        elif index is None:
+            index = self.index
+        return self.base, index, self.start, self.end
 
     def with_pads(self, pads: torch.Tensor | None, index: torch.Tensor) -> "_Cache":
         if pads is None:
@@ -92,9 +101,8 @@ class _Cache:
         """The same rows without their last ``drop`` columns (not copied)."""
         if drop <= 0:
             return self
-        if self._kv is not None and self._kv is not self.base:
-            return _Cache(self._kv, self.pads, None, 0, self._kv.get_seq_length() - drop)
-        return _Cache(self.base, self.pads, self.index, self.start, self.end - drop)
+        base, rows, start, end = self._source()
+        return _Cache(base, self.pads, rows, start, end - drop)
 
     @property
     def rows(self) -> int:
@@ -122,12 +130,7 @@ def merge_caches(caches: Sequence[_Cache], index: Sequence[torch.Tensor]) -> _Ca
     first = caches[0].base
     kv = copy.copy(first)
     kv.layers = [copy.copy(layer) for layer in first.layers]
-    sources = []
-    for c, idx in zip(caches, index):
-        if c._kv is not None and c._kv is not c.base:
-            sources.append((c._kv, idx, 0, c._kv.get_seq_length()))
-        else:
-            sources.append((c.base, c.index[idx] if c.index is not None else idx, c.start, c.end))
+    sources = [c._source(idx) for c, idx in zip(caches, index)]
     for n, layer in enumerate(kv.layers):
         for name in ("keys", "values"):
             like = getattr(first.layers[n], name)

@@ -145,11 +145,9 @@ def from_events(events: Sequence[dict]) -> dict:
     doc: dict = {"steps": [], "answer": None, "stats": None}
     for event in events:
         body = {k: v for k, v in event.items() if k != "type"}
-        if event["type"] == "begin":
-            doc.update(body)
-        elif event["type"] == "step":
+        if event["type"] == "step":
             doc["steps"].append(body)
-        else:
+        else:  # begin: the header; end: the answer and stats
             doc.update(body)
     return doc
 

@@ -115,7 +115,7 @@ async function run(event) {
   renderAll();
   try {
     // both requests go at once, so the server checks both settings before either search runs; it runs
-    // them one after the other (or together, with --max-batch)
+    // them together in lock-step (one after the other with --max-batch 1)
     say("Running greedy and DeAL… the steps appear below as the search makes them.");
     const greedy = post(request({strategy: "greedy"}, false), controller, "Greedy")  // its answer and cost, no trace
       .then(async (g) => {
