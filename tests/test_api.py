@@ -129,8 +129,13 @@ def test_unknown_search_setting_in_a_dict_is_named(tiny_aligner):
 
 
 def test_unknown_keyword_setting_is_named(tiny_aligner):
-    with pytest.raises(TypeError, match="lookahed"):
+    with pytest.raises(TypeError, match="'lookahed' \\(did you mean 'lookahead'\\?\\)"):
         tiny_aligner.generate("a cat", lookahed=2)
+
+
+def test_a_reward_field_given_as_a_search_setting_says_where_rewards_go(tiny_aligner):
+    with pytest.raises(TypeError, match="'named_rewards'.*rewards go in reward="):
+        tiny_aligner.generate("a cat", named_rewards={"harmless": 1.0})
 
 
 def test_search_of_a_wrong_type_is_rejected(tiny_aligner):

@@ -159,6 +159,74 @@ def test_a_long_rollout_runs_apart_from_short_ones_when_rows_cost():
     assert split_by_passes([(3, 4)], 24.0) == [[0]]
 
 
+# model rewards: their batches join across the searches (dealign.joint) ------------------------------------
+
+
+def _joint_letters(sizes: list, fail_on: str | None = None):
+    """``letters`` computed through ``joint`` the way a model reward computes its rows, recording each
+    call's row count; rows whose prompt is ``fail_on`` make the call fail."""
+    from dealign.joint import joint
+    from dealign.rewards import Reward
+
+    def rows_fn(rows):
+        sizes.append(len(rows))
+        if fail_on is not None and any(p == fail_on for p, _ in rows):
+            raise ValueError(f"cannot score {fail_on!r}")
+        return letters([p for p, _ in rows], [c for _, c in rows])
+
+    return Reward(lambda ps, cs: list(joint(("letters", id(sizes)), rows_fn, list(zip(ps, cs)))), "joint_letters")
+
+
+@pytest.mark.parametrize("mode", ["token", "segment"])
+def test_model_reward_batches_grow_with_the_batch_and_answers_do_not_change(eos_aligner, mode):
+    kw = dict(strategy="deal", mode=mode, beam=2, topk=3, lookahead=2, lam=2.0, max_new_tokens=6)
+    alone_sizes, batched_sizes = [], []
+    alone = [eos_aligner.generate(p, reward=_joint_letters(alone_sizes), **kw) for p in PROMPTS]
+    batched = eos_aligner.generate_batch(PROMPTS, batch_size=3, reward=_joint_letters(batched_sizes), **kw)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert max(alone_sizes) <= 2 * 3  # one search scores at most beam x top-k candidates a step
+    assert max(batched_sizes) > max(alone_sizes)  # a call held several searches' candidates
+    assert len(batched_sizes) < len(alone_sizes)  # in fewer calls
+
+
+def test_a_sentence_embedding_reward_joins_across_searches(tiny_aligner, tmp_path):
+    """A real model reward (MiniLM-style embedder, tiny and random) batched across searches: same
+    answers, and the embedder saw rows of several searches in one call."""
+    from dealign.rewards import relevance
+    from tiny_rewards import build_embedder
+
+    path = build_embedder(tmp_path)
+    reward = relevance(model=path)
+    kw = dict(strategy="deal", beam=2, topk=3, lookahead=1, lam=5.0, max_new_tokens=5)
+    alone = [tiny_aligner.generate(p, reward=reward, **kw) for p in PROMPTS[:4]]
+    from dealign.rewards.embedding import embedder
+
+    emb = embedder(path)
+    emb.memo.clear()
+    sizes = []
+    encode = emb.model.encode
+    emb.model.encode = lambda texts, **k: (sizes.append(len(texts)), encode(texts, **k))[1]
+    try:
+        batched = tiny_aligner.generate_batch(PROMPTS[:4], batch_size=4, reward=reward, **kw)
+    finally:
+        emb.model.encode = encode
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.reward for r in batched] == pytest.approx([r.reward for r in alone], abs=1e-5)
+    assert max(sizes) > 2 * 3 + 1  # more texts than one search's candidates and prompt
+
+
+def test_a_failing_joint_call_fails_only_the_search_it_is_about(tiny_aligner):
+    kw = dict(strategy="deal", beam=2, topk=2, lookahead=1, lam=2.0, max_new_tokens=4)
+    prompts = ["the dog", "a man", "children sit"]
+    alone = [tiny_aligner.generate(p, reward=letters, **kw).token_ids for p in ("the dog", "children sit")]
+    sizes = []
+    fn = lambda al, p: al.generate(p, reward=_joint_letters(sizes, fail_on="a man"), **kw).token_ids  # noqa: E731
+    out = list(tiny_aligner.map_batched(fn, prompts, batch_size=3))
+    assert [err is None for _, err in out] == [True, False, True]
+    assert "cannot score 'a man'" in str(out[1][1])
+    assert [out[0][0], out[2][0]] == alone
+
+
 def test_errors_come_back_in_input_order_and_the_others_finish(tiny_aligner):
     prompts = ["the dog", "", "a man", "children sit"]  # the empty prompt fails in its own search
     out = list(tiny_aligner.map_batched(lambda al, p: al.generate(p, strategy="greedy", max_new_tokens=4).text,

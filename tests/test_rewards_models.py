@@ -113,6 +113,18 @@ def test_embedding_similarity_on_a_tiny_sentence_transformer(tiny_embedder):
     assert rel[0] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_forget_rows_empties_the_memos_and_keeps_the_scores(tiny_embedder):
+    from dealign.rewards.cache import forget_rows
+    from dealign.rewards.embedding import embedder
+
+    rel = relevance(model=tiny_embedder)
+    first = rel(["the dog runs"], ["a cat sleeps"])
+    assert embedder(tiny_embedder).memo
+    forget_rows()
+    assert not embedder(tiny_embedder).memo
+    assert rel(["the dog runs"], ["a cat sleeps"]) == pytest.approx(first, abs=1e-6)
+
+
 def test_embedding_similarity_rejects_bad_arguments(tiny_embedder, tmp_path):
     with pytest.raises(RewardError, match="non-empty target"):
         embedding_similarity([], model=tiny_embedder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -13,6 +14,7 @@ from .backends.lockstep import Lockstep, check_batch_size
 from .constraints import Constraint, from_fields
 from .constraints.matcher import grammar_for
 from .errors import ModelLoadError, UsageError
+from .joint import Joiner, joining
 from .models.loading import load
 from .rewards.base import as_reward
 from .search import SearchConfig, SearchResult, TraceRecorder, run_search
@@ -60,6 +62,8 @@ class Aligner:
     ``search_defaults`` are the search settings this aligner uses where a call does not give them
     (``generate`` explains the order); the factories set the ones that suit their backend.
     """
+
+    _joiner: Joiner | None = None  # set on a lock-step lane (``lane``): its rewards' batches join the batch's
 
     def __init__(self, backend: Backend, tokenizer: Any, *, draft: Backend | None = None,
                  search_defaults: Mapping[str, Any] | None = None) -> None:
@@ -231,8 +235,9 @@ class Aligner:
                                      on_event=trace if callable(trace) else None)
         before = self.backend.counters.snapshot()
         mask_before = sum(g.mask_seconds for g in grammars)
-        result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft, on_commit=on_commit,
-                            fluency_ids=fluency_ids, trace=recorder, constraint=fmt)
+        with joining(self._joiner):
+            result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft,
+                                on_commit=on_commit, fluency_ids=fluency_ids, trace=recorder, constraint=fmt)
         out = _to_result(result, cfg, len(ids))
         if fmt is not None:
             out.stats["constraint"] = {
@@ -302,6 +307,7 @@ class Aligner:
         al = copy.copy(self)
         al.backend = lock.view(self.backend)
         al.draft = lock.view(self.draft) if self.draft is not None else None
+        al._joiner = lock  # its model rewards' batches join the batch's too (dealign.joint)
         return al
 
 
@@ -357,7 +363,7 @@ def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[
         search = SearchConfig(**{**defaults, **_known(search or {})})
     elif not isinstance(search, SearchConfig):
         raise TypeError(f"search must be a SearchConfig or a dict of its fields, got {type(search).__name__}")
-    return search.replace(**overrides) if overrides else search
+    return search.replace(**_known(overrides)) if overrides else search
 
 
 def _with_profile(name: str, search: Any, reward: Any, instruction: str | None) -> tuple[dict, Any, str | None]:
@@ -373,10 +379,18 @@ def _with_profile(name: str, search: Any, reward: Any, instruction: str | None) 
 
 
 def _known(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``values`` if every name is a search setting; else a one-line error naming the closest setting
+    (a reward field such as ``named_rewards`` goes in ``reward=``, or comes with a ``profile``)."""
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise TypeError(f"unknown search settings {unknown}; known: {sorted(known)}")
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"unknown search setting{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; rewards go in "
+                        f"reward= (e.g. dealign.rewards.named_reward), a profile with profile=; known settings: "
+                        f"{', '.join(sorted(known))}")
     return values
 
 

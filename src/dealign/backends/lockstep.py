@@ -7,7 +7,10 @@ instead every search runs unchanged, each in its own thread, against a ``SharedB
 view's forward-bearing calls (prefill, rollout) are queued; once *every* running search waits on
 one, the queued calls are grouped (same backend, same kind, same forced width) and each
 group runs as one ``rollout_group`` / ``prefill_group`` on the real backend, whose rows stack the
-searches' rows.  Commits, peeks and decoding stay in the searches' threads.
+searches' rows.  Commits, peeks and decoding stay in the searches' threads.  A model reward's forward
+passes join the same way: a search's thread in the batch (``dealign.joint.joining``) hands its
+``joint`` calls -- an embedder's encode, a backbone's features -- to the step, and the calls of
+every search with the same key run as one batch (``join``), so reward batches grow with the batch.
 
 So each search sees exactly the calls it would make alone, with the numbers of its own rows (up to
 float noise from padding), and its own sampler and seed: its answer is its one-at-a-time answer.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -40,15 +43,26 @@ class Cancelled(RuntimeError):
 
 
 @dataclass(eq=False)
+class JointCall:
+    """A batched function's rows (``dealign.joint``): joined with the same key's other calls."""
+
+    key: Hashable
+    fn: Callable[[list], Sequence[Any]]
+    rows: list
+
+
+@dataclass(eq=False)
 class _Call:
-    view: "SharedBackend"
-    request: Prefill | RolloutCall
+    view: "SharedBackend | None"  # None: a joint call (it uses no backend)
+    request: Prefill | RolloutCall | JointCall
     result: Any = None
     error: BaseException | None = None
     done: bool = False
 
     def key(self) -> tuple:
         r = self.request
+        if isinstance(r, JointCall):
+            return ("joint", r.key)
         if isinstance(r, Prefill):
             return (id(self.view.inner), "prefill")
         return (id(self.view.inner), "rollout", int(r.forced.shape[1]))
@@ -68,6 +82,9 @@ class Lockstep:
         self.steps = 0  # groups run (each one set of forward passes)
         self.shared_steps = 0  # groups that held the calls of more than one search
         self.rows_max = 0  # the widest stacked group
+        self.joint_calls = 0  # joint groups run (each one call of a batched function, e.g. a reward model)
+        self.joint_shared = 0  # joint groups that held the rows of more than one search
+        self.joint_rows_max = 0  # the most rows one joint group held
 
     def view(self, backend: Backend) -> "SharedBackend":
         """A per-search handle on ``backend`` whose forwards join the others' (one per search:
@@ -75,7 +92,12 @@ class Lockstep:
         return SharedBackend(backend, self)
 
     # the searches' side ---------------------------------------------------------------------------
-    def submit(self, view: "SharedBackend", request: Prefill | RolloutCall) -> Any:
+    def join(self, key: Hashable, fn: Callable[[list], Sequence[Any]], rows: list) -> Sequence[Any]:
+        """``fn(rows)`` run at the next step, in one call with the rows of every search that joins
+        ``key`` there (the ``dealign.joint.Joiner`` of a search's thread in this batch)."""
+        return self.submit(None, JointCall(key, fn, list(rows)))
+
+    def submit(self, view: "SharedBackend | None", request: Prefill | RolloutCall | JointCall) -> Any:
         call = _Call(view, request)
         with self._cv:
             if self._closed:
@@ -192,6 +214,9 @@ class Lockstep:
         for call in batch:
             groups.setdefault(call.key(), []).append(call)
         for calls in groups.values():
+            if isinstance(calls[0].request, JointCall):
+                self._execute_joint(calls)
+                continue
             inner = calls[0].view.inner
             before = inner.counters.snapshot()
             try:
@@ -215,6 +240,32 @@ class Lockstep:
             for c in batch:
                 c.done = True
             self._cv.notify_all()
+
+    def _execute_joint(self, calls: Sequence[_Call]) -> None:
+        """One call of the group's function over every search's rows, each search given its slice;
+        if it fails, each search's rows again alone, so an error reaches only the search it is about."""
+        rows = [r for c in calls for r in c.request.rows]
+        self.joint_calls += 1
+        self.joint_shared += len(calls) > 1
+        self.joint_rows_max = max(self.joint_rows_max, len(rows))
+        try:
+            out = calls[0].request.fn(rows)
+            if len(out) != len(rows):
+                raise ValueError(f"a joint call returned {len(out)} values for {len(rows)} rows")
+        except BaseException as exc:  # noqa: BLE001 - handed to its search, or retried one search at a time
+            if len(calls) == 1:
+                calls[0].error = exc
+                return
+            for c in calls:
+                try:
+                    c.result = c.request.fn(c.request.rows)
+                except BaseException as one:  # noqa: BLE001 - handed to its search
+                    c.error = one
+            return
+        at = 0
+        for c in calls:
+            n = len(c.request.rows)
+            c.result, at = out[at : at + n], at + n
 
 
 def _rows(request: Prefill | RolloutCall) -> int:

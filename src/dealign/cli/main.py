@@ -396,6 +396,7 @@ def bench(
     remote_dialect: Annotated[str, typer.Option(help="llamacpp | vllm, for --remote URL.")] = "llamacpp",
     batch_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated batch sizes, e.g. 1,4,8,16: instead of the rows above, greedy and default DeAL over the same --prompts at each size, searched in lock-step (throughput, forward passes, peak memory, answers identical to size 1).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device for --batch-sizes, e.g. cuda [default: cpu].")] = None,
+    batch_reward: Annotated[Optional[str], typer.Option(help="With --batch-sizes: also DeAL (segment mode) with this named model reward, e.g. harmless (the names of --reward NAME=W), whose forward passes join across the batch too.")] = None,
     suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply) | format-cost (greedy and DeAL on the format task's prompts with and without the JSON schema mask: tokens/s and the mask's own time).")] = "speed",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
@@ -415,8 +416,10 @@ def bench(
             _bench_harm_cost(model, prompts, max_new_tokens, json_out)
             return
         if batch_sizes is not None:
-            _bench_batches(model, device, prompts, max_new_tokens, batch_sizes, json_out)
+            _bench_batches(model, device, prompts, max_new_tokens, batch_sizes, json_out, batch_reward)
             return
+        if batch_reward is not None:
+            raise UsageError("--batch-reward is for --batch-sizes")
         if device is not None:
             raise UsageError("--device is for --batch-sizes; the speed rows run on the CPU")
         from ..tools.bench import markdown, run_bench
@@ -430,7 +433,7 @@ def bench(
 
 
 def _bench_batches(model: Optional[str], device: Optional[str], prompts: int, max_new_tokens: int, sizes: str,
-                   json_out: Path) -> None:
+                   json_out: Path, batch_reward: Optional[str] = None) -> None:
     from ..tools.bench_batch import markdown as batch_markdown, run_batch_bench
 
     try:
@@ -439,9 +442,13 @@ def _bench_batches(model: Optional[str], device: Optional[str], prompts: int, ma
         values = []
     if not values or any(v < 1 for v in values):
         raise UsageError(f"--batch-sizes must be comma-separated integers >= 1, e.g. 1,4,8; got {sizes!r}")
+    if batch_reward is not None:
+        from ..rewards import named_reward
+
+        named_reward(batch_reward)  # an unknown name fails now, in one line, before the model loads
     aligner = AlignerSpec(model, device=device).build()
     report = run_batch_bench(aligner, prompts=prompts, batch_sizes=values, max_new_tokens=max_new_tokens,
-                             progress=lambda m: typer.echo(m, err=True))
+                             model_reward=batch_reward, progress=lambda m: typer.echo(m, err=True))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     typer.echo(batch_markdown(report))
@@ -474,7 +481,7 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads for the search [default: torch's choice].", rich_help_panel=_V)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug.", rich_help_panel=_V)] = "info",
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", rich_help_panel=_L)] = _SL.max_tokens,
-    max_candidates: Annotated[int, typer.Option(help="Largest search width: beam x topk x max(1, lookahead) for DeAL, beam x beam, n for best-of-n.", rich_help_panel=_L)] = _SL.max_candidates,
+    max_candidates: Annotated[int, typer.Option(help="Largest search width, the most tokens one step rolls out: beam x topk x max(1, lookahead) for DeAL (an opening step's if wider), beam x beam, n for best-of-n.", rich_help_panel=_L)] = _SL.max_candidates,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens after the chat template.", rich_help_panel=_L)] = _SL.max_prompt_tokens,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take from arrival, queue included (then 503).", rich_help_panel=_L)] = _SL.timeout,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait while --max-batch run (then 429).", rich_help_panel=_L)] = _SL.queue_size,

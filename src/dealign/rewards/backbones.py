@@ -311,11 +311,17 @@ class LMBackbone:
         return out  # type: ignore[return-value]
 
     def features(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False) -> torch.Tensor:
+        """Feature rows of (prompt, response) pairs; in a lock-step batch the rows still to compute join
+        the other searches' (``dealign.joint``)."""
         keys = list(zip(prompts, responses))
         if not keys:
             return torch.zeros(0, self.dim)
+        return torch.stack(memoised(self.memo, keys, lambda todo: self._locked_compute(todo, progress), self.memo_size,
+                                    lock=self._lock, joint_key=("lm-features", id(self))))
+
+    def _locked_compute(self, pairs: list[tuple[str, str]], progress: bool) -> list[torch.Tensor]:
         with self._lock:  # the server may score from several threads; one forward at a time
-            return torch.stack(memoised(self.memo, keys, lambda todo: self._compute(todo, progress), self.memo_size))
+            return self._compute(pairs, progress)
 
 
 def is_lm_spec(spec: str | None) -> bool:

@@ -5,9 +5,11 @@ memo of computed rows, right-padded batches, and the one-line error for a missin
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 from ..extras import missing_message
+from ..joint import joint
 from .base import RewardError
 
 INPUTS = ("prompt+response", "response")  # what a model-based reward may score
@@ -23,6 +25,18 @@ def cached(kind: str, key: str, build: Callable[[], Any]) -> Any:
         if (kind, key) not in _CACHE:
             _CACHE[(kind, key)] = build()
         return _CACHE[(kind, key)]
+
+
+def forget_rows() -> None:
+    """Empty every loaded reward model's memo of computed rows (an embedder's texts, a backbone's rows
+    and kept prompt caches), so a timing run computes what it scores; the models stay loaded."""
+    with _LOCK:
+        loaded = list(_CACHE.values())
+    for obj in loaded:
+        if callable(getattr(obj, "reset", None)):
+            obj.reset()
+        elif isinstance(getattr(obj, "memo", None), dict):
+            obj.memo.clear()
 
 
 def missing_package(package: str, pip_name: str, what: str) -> RewardError:
@@ -55,13 +69,23 @@ def right_padded(rows: Sequence[Sequence[int]], pad: int):
     return ids, mask
 
 
-def memoised(memo: dict, keys: Sequence[Any], compute: Callable[[list], Sequence[Any]], size: int) -> list[Any]:
+def memoised(memo: dict, keys: Sequence[Any], compute: Callable[[list], Sequence[Any]], size: int, *,
+             lock: Any = None, joint_key: Any = None) -> list[Any]:
     """The value of every key, computing (once each, in one call) only the keys ``memo`` lacks; the memo is
-    emptied first when it would grow past ``size``."""
-    todo = list(dict.fromkeys(k for k in keys if k not in memo))
+    emptied first when it would grow past ``size``.
+
+    ``lock`` guards the memo (``compute`` takes whatever lock it needs itself); it is not held while
+    computing, so with ``joint_key`` the keys to compute can wait for a lock-step batch's step and be
+    computed there with the other searches' keys (``dealign.joint``)."""
+    guard = lock if lock is not None else nullcontext()
+    with guard:
+        found = {k: memo[k] for k in dict.fromkeys(keys) if k in memo}
+    todo = [k for k in dict.fromkeys(keys) if k not in found]
     if todo:
-        got = list(compute(todo))
-        if len(memo) + len(todo) > size:
-            memo.clear()
-        memo.update(zip(todo, got))
-    return [memo[k] for k in keys]
+        got = list(joint(joint_key, compute, todo) if joint_key is not None else compute(todo))
+        found.update(zip(todo, got))
+        with guard:
+            if len(memo) + len(todo) > size:
+                memo.clear()
+            memo.update(zip(todo, got))
+    return [found[k] for k in keys]

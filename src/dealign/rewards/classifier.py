@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..joint import joint
 from .base import Reward, RewardError
 from .cache import batches, cached, check_input
 
@@ -158,7 +159,10 @@ def sequence_classifier(
 
         clf = load()
         idx = clf.label_index(label)
-        logits = clf.logits(prompts, completions, input, batch_size, max_length)
+        # in a lock-step batch, the rows join the other searches' of the same classifier (dealign.joint)
+        logits = joint(("classifier", id(clf), input, batch_size, max_length),
+                       lambda rows: clf.logits([p for p, _ in rows], [c for _, c in rows], input, batch_size, max_length),
+                       list(zip(prompts, completions)))
         if idx is None:
             return logits[:, 0].tolist()
         if output == "logit":

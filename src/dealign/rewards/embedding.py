@@ -59,7 +59,8 @@ class Embedder:
 
         if not texts:
             return torch.zeros(0, self.dim)
-        return torch.stack(memoised(self.memo, texts, compute, self.memo_size))
+        # in a lock-step batch, the texts still to embed join the other searches' (dealign.joint)
+        return torch.stack(memoised(self.memo, texts, compute, self.memo_size, joint_key=("embed", id(self))))
 
 
 def embedder(model: str | os.PathLike | None = None, device: str = "cpu") -> Embedder:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from ..joint import joint
 from ..models.loading import LoadedModel, ModelLoadError, load as load_model
 from .base import Reward, RewardError
 from .cache import batches, cached, check_input, right_padded
@@ -116,6 +117,8 @@ def lm_judge(
 
     def score(prompts: list[str], completions: list[str]) -> list[float]:
         texts = [template.format(prompt=p, response=c, question=question) for p, c in zip(prompts, completions)]
-        return load().p_yes(texts, batch_size, max_length)
+        judge = load()  # in a lock-step batch, the texts join the other searches' (dealign.joint)
+        return list(joint(("judge", id(judge), batch_size, max_length),
+                          lambda rows: judge.p_yes(rows, batch_size, max_length), texts))
 
     return Reward(score, name, upper_bound=1.0, **reward_kw)

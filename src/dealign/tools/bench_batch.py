@@ -4,7 +4,9 @@ For greedy and DeAL as a user gets it (the local defaults, each prompt's own key
 the same CommonGen dev prompts at every batch size (``Aligner.map_batched``) and reports prompts per
 second, seconds per prompt, the speed-up over batch size 1, sequential forward passes per prompt (the
 whole run's, divided by the prompts), the widest forward (rows), peak memory growth, and the share of
-answers identical to batch size 1's: batching must not change what anyone gets.
+answers identical to batch size 1's: batching must not change what anyone gets.  With ``model_reward``
+(a named reward such as ``harmless``) a third row searches with that model reward instead of keywords
+(segment mode, the harm tasks' settings), whose forward passes join across the batch too (``dealign.joint``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import torch
 from ..api import Aligner
 from ..evaluation.data import commongen
 from ..evaluation.table import markdown_table
-from ..rewards import keywords
+from ..rewards import keywords, named_reward
+from ..rewards.cache import forget_rows
 from .processes import PeakRSS
 
 STRATEGIES = {"greedy": {"strategy": "greedy"}, "deal (default)": {"strategy": "deal"}}
+# a model reward's row: segment mode as the harm tasks search (evaluation/tasks.py HARM_DEAL)
+MODEL_REWARD_SEARCH = {"strategy": "deal", "mode": "segment", "beam": 4, "topk": 4, "lookahead": 4, "lam": 10.0,
+                       "fluency": 0.0}
 
 
 @dataclass
@@ -39,13 +45,18 @@ class BatchRow:
 
 
 def run_batch_bench(aligner: Aligner, *, prompts: int = 16, batch_sizes: Sequence[int] = (1, 4, 8, 16),
-                    max_new_tokens: int = 32, progress: Callable[[str], None] = lambda m: None) -> dict:
+                    max_new_tokens: int = 32, model_reward: str | None = None,
+                    progress: Callable[[str], None] = lambda m: None) -> dict:
     items = commongen(prompts)
     backend = aligner.backend
     rows: list[BatchRow] = []
-    for name, search in STRATEGIES.items():
-        def answer(al: Aligner, cs) -> list[int]:
-            return al.generate(cs.prompt, reward=keywords(cs.keywords), max_new_tokens=max_new_tokens, **search).token_ids
+    plans = [(name, search, None) for name, search in STRATEGIES.items()]
+    if model_reward:
+        plans.append((f"deal + {model_reward} (segment)", MODEL_REWARD_SEARCH, named_reward(model_reward)))
+    for name, search, fixed in plans:
+        def answer(al: Aligner, cs, search=search, fixed=fixed) -> list[int]:
+            reward = fixed if fixed is not None else keywords(cs.keywords)
+            return al.generate(cs.prompt, reward=reward, max_new_tokens=max_new_tokens, **search).token_ids
 
         answer(aligner, items[0])  # warm-up: first-call allocations are not a batch size's cost
         first: list[list[int]] | None = None
@@ -55,6 +66,7 @@ def run_batch_bench(aligner: Aligner, *, prompts: int = 16, batch_sizes: Sequenc
             backend.counters.rows_max = 0
             if getattr(backend, "prefixes", None) is not None:  # each size reads the prompts afresh
                 backend.prefixes.clear()
+            forget_rows()  # and a model reward computes its rows afresh
             with PeakRSS(release=True) as mem:
                 start = time.perf_counter()
                 outs = []
@@ -71,7 +83,8 @@ def run_batch_bench(aligner: Aligner, *, prompts: int = 16, batch_sizes: Sequenc
                                  sum(a == b for a, b in zip(outs, first)) / n))
             backend.counters.rows_max = max(widest, backend.counters.rows_max)
             progress(f"{name} batch {bs}: {secs / n:.2f} s/prompt, x{first_secs / secs:.2f}")
-    return {"prompts": prompts, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+    return {"prompts": prompts, "max_new_tokens": max_new_tokens, "model_reward": model_reward,
+            "threads": torch.get_num_threads(),
             "device": str(getattr(backend, "device", "cpu")), "rows": [asdict(r) for r in rows]}
 
 
