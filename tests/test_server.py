@@ -339,6 +339,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {**GOOD, "max_tokens": 1000}, 400, ["1000", "--max-tokens"]),
     ("/v1/completions", {**GOOD, "alignment": {"beam": 4, "topk": 4, "lookahead": 3}}, 400, ["48", "--max-candidates"]),
     ("/v1/completions", {**GOOD, "alignment": {"strategy": "best-of-n", "n": 64}}, 400, ["--max-candidates"]),
+    ("/v1/completions", {**GOOD, "alignment": {"open_tokens": 1, "open_topk": 8, "open_lookahead": 5, "beam": 2}}, 400,
+     ["1 state x open_topk 8 x open_lookahead 5 = 40", "--max-candidates"]),
     ("/v1/completions", {**GOOD, "prompt": "the dog " * 60}, 400, ["--max-prompt-tokens"]),
     ("/v1/completions", {**GOOD, "prompt": "x" * 30_000}, 413, ["--max-body-bytes"]),
 ]
@@ -628,3 +630,19 @@ def test_with_a_remote_engine_concurrent_requests_search_side_by_side(tiny_model
             assert results[p].status_code == 200 and r["choices"][0]["text"] == a.text
             assert r["alignment"]["stats"]["requests"] == a.stats["requests"]  # its own, not both searches'
         assert engine.max_in_flight > max(2 * 3, 1)  # more than one search's beam x topk in flight at once
+
+
+def test_the_width_of_an_opening_counts_the_states_it_has():
+    """An opening's first step has one state, its second at most open_topk; the server's default
+    limit lets the safe profile through."""
+    from dealign.profiles import get_profile
+    from dealign.search import SearchConfig
+    from dealign.server.limits import opening_width
+
+    cfg = SearchConfig(beam=4, topk=1, lookahead=8, open_tokens=1, open_topk=32, open_lookahead=12)
+    assert opening_width(cfg) == 32 * 12
+    assert opening_width(cfg.replace(open_tokens=3, open_topk=2)) == 4 * 2 * 12  # states 1, 2, then 4
+    assert opening_width(cfg.replace(open_tokens=0)) == 0
+    safe = SearchConfig(**{k: v for k, v in get_profile("safe").values.items()
+                           if k not in ("instruction", "named_rewards")})
+    assert ServerLimits().width(safe) <= ServerLimits().max_candidates

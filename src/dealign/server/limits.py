@@ -14,7 +14,9 @@ from dataclasses import dataclass, fields
 @dataclass
 class ServerLimits:
     max_tokens: int = 256  # largest max_tokens a request may ask for (--max-tokens)
-    max_candidates: int = 64  # largest search width: beam*topk*max(1, lookahead) for DeAL (the opening's if wider), beam*beam, n (--max-candidates)
+    # largest search width: beam*topk*max(1, lookahead) for DeAL (an opening step's states*open_topk*open_lookahead
+    # if wider; the safe profile's is 4*8*2 = 64), beam*beam, n (--max-candidates)
+    max_candidates: int = 64
     max_prompt_tokens: int = 2048  # prompt after the chat template and instruction (--max-prompt-tokens)
     timeout: float = 60.0  # seconds from arrival to answer, queue included (--timeout)
     queue_size: int = 16  # requests waiting while max_batch run; beyond: 429 (--queue-size)
@@ -54,12 +56,23 @@ class ServerLimits:
         return wanted
 
     def width(self, cfg) -> int:
-        """How wide a search is, in rows of the model per step (what ``max_candidates`` bounds)."""
+        """How wide a search is: the most tokens one step rolls out (what ``max_candidates`` bounds)."""
         if cfg.strategy == "deal":  # the wider of the opening's and the rest's steps
-            opening = cfg.open_topk * max(1, cfg.open_lookahead) if cfg.open_tokens else 0
-            return cfg.beam * max(cfg.topk * max(1, cfg.lookahead), opening)
+            return max(cfg.beam * cfg.topk * max(1, cfg.lookahead), opening_width(cfg))
         if cfg.strategy == "beam":
             return cfg.beam * cfg.beam
         if cfg.strategy == "best-of-n":
             return cfg.n
         return 1
+
+
+def opening_width(cfg) -> int:
+    """The widest step of a DeAL opening: ``states x open_topk x max(1, open_lookahead)``, where the
+    opening's step t has ``min(beam, open_topk ** t)`` states (one at the first step)."""
+    widest, states = 0, 1
+    for _ in range(cfg.open_tokens):
+        widest = max(widest, states * cfg.open_topk * max(1, cfg.open_lookahead))
+        if states == cfg.beam:  # every later step of the opening is as wide
+            break
+        states = min(cfg.beam, states * cfg.open_topk)
+    return widest
