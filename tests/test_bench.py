@@ -61,3 +61,36 @@ def test_bench_remote_rows_next_to_their_local_twins(tiny_model_dir, tiny_model,
     checks = {c["remote"]: c for c in report["equivalence"]}
     assert checks["remote greedy"]["identical"] == 2 and checks["remote deal segment"]["identical"] == 2
     assert "identical tokens on 2/2 prompts" in markdown(report)
+
+
+def test_the_batch_bench_reports_each_size_and_a_model_reward_row(tiny_aligner, monkeypatch):
+    """``dealign bench --batch-sizes 1,2 --batch-reward NAME``: every size of every row, answers identical
+    to batch size 1's; the model-reward row searches with the named reward (here a tiny stand-in)."""
+    import dealign.tools.bench_batch as bb
+    from dealign.joint import joint
+    from dealign.rewards import Reward
+
+    from conftest import letters
+
+    calls = []
+
+    def rows_fn(rows):
+        calls.append(len(rows))
+        return letters([p for p, _ in rows], [c for _, c in rows])
+
+    stand_in = Reward(lambda ps, cs: list(joint(("stand-in",), rows_fn, list(zip(ps, cs)))), "stand_in")
+    monkeypatch.setattr(bb, "named_reward", lambda name: stand_in)
+    report = bb.run_batch_bench(tiny_aligner, prompts=3, batch_sizes=(1, 2), max_new_tokens=4, model_reward="stand_in")
+    names = [(r["strategy"], r["batch_size"]) for r in report["rows"]]
+    assert names == [(s, b) for s in ("greedy", "deal (default)", "deal + stand_in (segment)") for b in (1, 2)]
+    assert all(r["identical"] == 1.0 for r in report["rows"])
+    assert calls and "deal + stand_in" in bb.markdown(report)
+
+
+def test_batch_reward_without_batch_sizes_is_a_clear_error():
+    from typer.testing import CliRunner
+
+    from dealign.cli.main import app
+
+    out = CliRunner().invoke(app, ["bench", "--batch-reward", "harmless"])
+    assert out.exit_code != 0 and "--batch-reward is for --batch-sizes" in out.output
