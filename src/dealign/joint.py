@@ -12,7 +12,7 @@ hands each search its own slice.
 
 Calls with the same ``key`` must be interchangeable: ``fn(a + b)`` is ``fn(a) + fn(b)`` (up to float
 noise from padding), whichever caller's ``fn`` runs.  The key names the function and the object it
-belongs to, e.g. ``("minilm-encode", id(embedder))``.
+belongs to, e.g. ``("embed", id(embedder))``.
 
 This module imports nothing of ours: rewards (which call ``joint``) and backends (whose ``Lockstep``
 is the joiner) both sit above it.

@@ -82,9 +82,6 @@ class Lockstep:
         self.steps = 0  # groups run (each one set of forward passes)
         self.shared_steps = 0  # groups that held the calls of more than one search
         self.rows_max = 0  # the widest stacked group
-        self.joint_calls = 0  # joint groups run (each one call of a batched function, e.g. a reward model)
-        self.joint_shared = 0  # joint groups that held the rows of more than one search
-        self.joint_rows_max = 0  # the most rows one joint group held
 
     def view(self, backend: Backend) -> "SharedBackend":
         """A per-search handle on ``backend`` whose forwards join the others' (one per search:
@@ -245,9 +242,6 @@ class Lockstep:
         """One call of the group's function over every search's rows, each search given its slice;
         if it fails, each search's rows again alone, so an error reaches only the search it is about."""
         rows = [r for c in calls for r in c.request.rows]
-        self.joint_calls += 1
-        self.joint_shared += len(calls) > 1
-        self.joint_rows_max = max(self.joint_rows_max, len(rows))
         try:
             out = calls[0].request.fn(rows)
             if len(out) != len(rows):
