@@ -637,12 +637,14 @@ def test_the_width_of_an_opening_counts_the_states_it_has():
     limit lets the safe profile through."""
     from dealign.profiles import get_profile
     from dealign.search import SearchConfig
-    from dealign.server.limits import opening_width
+    from dealign.server.limits import opening_states
 
+    width = ServerLimits().width
     cfg = SearchConfig(beam=4, topk=1, lookahead=8, open_tokens=1, open_topk=32, open_lookahead=12)
-    assert opening_width(cfg) == 32 * 12
-    assert opening_width(cfg.replace(open_tokens=3, open_topk=2)) == 4 * 2 * 12  # states 1, 2, then 4
-    assert opening_width(cfg.replace(open_tokens=0)) == 0
+    assert (opening_states(cfg), width(cfg)) == (1, 32 * 12)
+    wider = cfg.replace(open_tokens=3, open_topk=2)  # states 1, 2, then 4
+    assert (opening_states(wider), width(wider)) == (4, 4 * 2 * 12)
+    assert (opening_states(cfg.replace(open_tokens=0)), width(cfg.replace(open_tokens=0))) == (0, 4 * 1 * 8)
     safe = SearchConfig(**{k: v for k, v in get_profile("safe").values.items()
                            if k not in ("instruction", "named_rewards")})
     assert ServerLimits().width(safe) <= ServerLimits().max_candidates

@@ -78,9 +78,10 @@ def memoised(memo: dict, keys: Sequence[Any], compute: Callable[[list], Sequence
     computing, so with ``joint_key`` the keys to compute can wait for a lock-step batch's step and be
     computed there with the other searches' keys (``dealign.joint``)."""
     guard = lock if lock is not None else nullcontext()
+    distinct = list(dict.fromkeys(keys))
     with guard:
-        found = {k: memo[k] for k in dict.fromkeys(keys) if k in memo}
-    todo = [k for k in dict.fromkeys(keys) if k not in found]
+        found = {k: memo[k] for k in distinct if k in memo}
+    todo = [k for k in distinct if k not in found]
     if todo:
         got = list(joint(joint_key, compute, todo) if joint_key is not None else compute(todo))
         found.update(zip(todo, got))

@@ -58,7 +58,8 @@ class ServerLimits:
     def width(self, cfg) -> int:
         """How wide a search is: the most tokens one step rolls out (what ``max_candidates`` bounds)."""
         if cfg.strategy == "deal":  # the wider of the opening's and the rest's steps
-            return max(cfg.beam * cfg.topk * max(1, cfg.lookahead), opening_width(cfg))
+            opening = opening_states(cfg) * cfg.open_topk * max(1, cfg.open_lookahead)
+            return max(cfg.beam * cfg.topk * max(1, cfg.lookahead), opening)
         if cfg.strategy == "beam":
             return cfg.beam * cfg.beam
         if cfg.strategy == "best-of-n":
@@ -66,13 +67,14 @@ class ServerLimits:
         return 1
 
 
-def opening_width(cfg) -> int:
-    """The widest step of a DeAL opening: ``states x open_topk x max(1, open_lookahead)``, where the
-    opening's step t has ``min(beam, open_topk ** t)`` states (one at the first step)."""
-    widest, states = 0, 1
-    for _ in range(cfg.open_tokens):
-        widest = max(widest, states * cfg.open_topk * max(1, cfg.open_lookahead))
-        if states == cfg.beam:  # every later step of the opening is as wide
+def opening_states(cfg) -> int:
+    """The states of a DeAL opening's widest step, its last: step t has ``min(beam, open_topk ** t)``
+    (one at the first step); 0 without an opening."""
+    if not cfg.open_tokens:
+        return 0
+    states = 1
+    for _ in range(cfg.open_tokens - 1):
+        if states >= cfg.beam:
             break
-        states = min(cfg.beam, states * cfg.open_topk)
-    return widest
+        states *= cfg.open_topk
+    return min(cfg.beam, states)

@@ -19,7 +19,7 @@ from ..rewards.base import WeightedSum
 from ..search import SearchConfig
 from ..constraints import Constraint, ConstraintError, json_schema
 from ..settings import INPUT_FIELDS, KNOWN_FIELDS, Settings
-from .limits import ServerLimits, opening_width
+from .limits import ServerLimits, opening_states
 
 # OpenAI request fields that map onto search settings; the alignment object must not repeat them
 TOP_LEVEL = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
@@ -279,8 +279,8 @@ def _check_named_rewards(names: dict[str, float], limits: ServerLimits) -> None:
 
 
 def _width_formula(cfg: SearchConfig) -> str:
-    if cfg.strategy == "deal" and opening_width(cfg) > cfg.beam * cfg.topk * max(1, cfg.lookahead):
-        states = opening_width(cfg) // (cfg.open_topk * max(1, cfg.open_lookahead))
+    states = opening_states(cfg)
+    if cfg.strategy == "deal" and states * cfg.open_topk * max(1, cfg.open_lookahead) > cfg.beam * cfg.topk * max(1, cfg.lookahead):
         return (f"{states} state{'s' if states > 1 else ''} x open_topk {cfg.open_topk} x open_lookahead "
                 f"{max(1, cfg.open_lookahead)} = ")
     if cfg.strategy == "deal":

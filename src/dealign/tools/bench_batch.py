@@ -20,14 +20,14 @@ import torch
 from ..api import Aligner
 from ..evaluation.data import commongen
 from ..evaluation.table import markdown_table
+from ..evaluation.tasks import HARM_DEAL
 from ..rewards import keywords, named_reward
 from ..rewards.cache import forget_rows
 from .processes import PeakRSS
 
 STRATEGIES = {"greedy": {"strategy": "greedy"}, "deal (default)": {"strategy": "deal"}}
-# a model reward's row: segment mode as the harm tasks search (evaluation/tasks.py HARM_DEAL)
-MODEL_REWARD_SEARCH = {"strategy": "deal", "mode": "segment", "beam": 4, "topk": 4, "lookahead": 4, "lam": 10.0,
-                       "fluency": 0.0}
+# a model reward's row: segment mode with the harm tasks' settings
+MODEL_REWARD_SEARCH = {"strategy": "deal", "mode": "segment", **HARM_DEAL}
 
 
 @dataclass
