@@ -235,6 +235,18 @@ def _sse_events(url: str, body: dict) -> list:
     return [d if d == "[DONE]" else json.loads(d) for d in datas]
 
 
+def test_several_instructions_are_start_states_searched_together(server, tiny_aligner):
+    messages = [{"role": "user", "content": "the dog"}]
+    starts = ["Be brief.", ""]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 6, "alignment": {**ALIGN, "instruction": starts}}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    expected = tiny_aligner.generate(messages, reward=from_options(keywords=ALIGN["keywords"]), instruction=starts,
+                                     max_new_tokens=6, **{k: ALIGN[k] for k in ("beam", "topk", "lookahead", "lam")})
+    assert r["choices"][0]["message"]["content"] == expected.text and r["alignment"]["start"] == expected.start
+    bad = httpx.post(server.url + "/v1/chat/completions", json={**body, "alignment": {"instruction": []}}, timeout=60)
+    assert bad.status_code == 400 and "non-empty list of strings" in bad.json()["error"]["message"]
+
+
 def test_alignment_trace_comes_in_the_report_and_as_stream_events(client, server, tiny_aligner):
     messages = [{"role": "user", "content": "the dog"}]
     body = {"model": MODEL, "messages": messages, "max_tokens": 10, "alignment": {**ALIGN, "trace": True}}
@@ -388,7 +400,7 @@ class GatedAligner:
     def __init__(self, inner) -> None:
         self.inner, self.delay, self.gate = inner, 0.0, threading.Event()
         self.gate.set()
-        self.backend, self.tokenizer, self.encode_prompt = inner.backend, inner.tokenizer, inner.encode_prompt
+        self.backend, self.tokenizer, self.encode_starts = inner.backend, inner.tokenizer, inner.encode_starts
 
     def generate(self, prompt, *, on_commit, **kw):
         self.gate.wait(30)

@@ -40,6 +40,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     fluency: float = 0.0  # the answer's log-prob in the neutral context (0 when the search did not read it)
     trace: dict[str, Any] | None = None  # every search step, when asked (generate(trace=True); docs/trace.md)
+    start: int = 0  # with several instructions: the index of the one the answer grew from
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +170,14 @@ class Aligner:
             ids = self.tokenizer.encode(text + ("\n" if response_prefix else "") + response_prefix)
         return ids, str(user_text)
 
+    def encode_starts(self, prompt: str | Messages, *, instruction: str | Sequence[str | None] | None = None,
+                      response_prefix: str = "") -> tuple[list[list[int]], str]:
+        """``encode_prompt`` for each start state: one per instruction when ``instruction`` is a list
+        (see ``generate``), else one."""
+        encoded = [self.encode_prompt(prompt, instruction=i, response_prefix=response_prefix)
+                   for i in _instructions(instruction)]
+        return [ids for ids, _ in encoded], encoded[0][1]
+
     # generation ----------------------------------------------------------------------------------
     def generate(
         self,
@@ -176,7 +185,7 @@ class Aligner:
         *,
         reward: Any = None,
         search: SearchConfig | Mapping[str, Any] | None = None,
-        instruction: str | None = None,
+        instruction: str | Sequence[str | None] | None = None,
         response_prefix: str = "",
         on_commit: Callable[[list[int]], None] | None = None,
         profile: str | None = None,
@@ -201,6 +210,10 @@ class Aligner:
         ``on_commit(token_ids)`` is called after every search step with the answer's tokens that are
         already certain (a growing prefix; see ``run_search``); raising from it aborts the search.
 
+        ``instruction``: the alignment instruction (the system message), or a list of them: start
+        states DeAL searches together, the reward choosing between their answers (``None`` in the
+        list: the request without one); ``result.start`` says which one the answer grew from.
+
         ``profile`` (see ``dealign.profiles``, e.g. ``"safe"``) supplies search settings beneath
         ``search`` and the overrides, and the reward and instruction when those are not given.
 
@@ -219,7 +232,7 @@ class Aligner:
             search, reward, instruction = _with_profile(profile, search, reward, instruction)
         cfg = _config(search, overrides, self.search_defaults)
         rsum = as_reward(reward)
-        ids, user_text = self.encode_prompt(prompt, instruction=instruction, response_prefix=response_prefix)
+        (ids, *starts), user_text = self.encode_starts(prompt, instruction=instruction, response_prefix=response_prefix)
         check = getattr(self.backend, "check_search", None)  # a remote engine: top_n must cover topk
         if check is not None:
             check(cfg)
@@ -237,7 +250,8 @@ class Aligner:
         mask_before = sum(g.mask_seconds for g in grammars)
         with joining(self._joiner):
             result = run_search(self.backend, ids, rsum, cfg, prompt_text=user_text, draft=self.draft,
-                                on_commit=on_commit, fluency_ids=fluency_ids, trace=recorder, constraint=fmt)
+                                on_commit=on_commit, fluency_ids=fluency_ids, trace=recorder, constraint=fmt,
+                                starts=starts)
         out = _to_result(result, cfg, len(ids))
         if fmt is not None:
             out.stats["constraint"] = {
@@ -366,7 +380,19 @@ def _config(search: SearchConfig | Mapping[str, Any] | None, overrides: Mapping[
     return search.replace(**_known(overrides)) if overrides else search
 
 
-def _with_profile(name: str, search: Any, reward: Any, instruction: str | None) -> tuple[dict, Any, str | None]:
+def _instructions(instruction: str | Sequence[str | None] | None) -> list[str | None]:
+    """One instruction, or several: start states DeAL searches together (``deal_search``'s ``starts``);
+    ``None`` or "" in a list is the request without one."""
+    if instruction is None or isinstance(instruction, str):
+        return [instruction]
+    items = list(instruction)
+    if not items or not all(i is None or isinstance(i, str) for i in items):
+        raise UsageError(f"instruction must be a string or a non-empty list of strings (start states searched "
+                         f"together); got {instruction!r}")
+    return items
+
+
+def _with_profile(name: str, search: Any, reward: Any, instruction: Any) -> tuple[dict, Any, str | None]:
     """A profile's settings beneath what the call gives: its search fields under ``search``, its
     reward and instruction only where the call gives none."""
     if isinstance(search, SearchConfig):
@@ -414,4 +440,5 @@ def _to_result(result: SearchResult, cfg: SearchConfig, prompt_tokens: int) -> G
         prompt_tokens=prompt_tokens,
         fluency=best.fluency,
         trace=result.trace,
+        start=best.start,
     )

@@ -181,6 +181,11 @@ class Settings:
                 if not isinstance(value, bool):
                     raise UsageError(f"reward_finished_only must be true or false, got {value!r}")
                 s.models[name] = value
+            elif name == "instruction" and isinstance(value, list):  # several start states, searched together
+                if not value or not all(isinstance(v, str) for v in value):
+                    raise UsageError(f"instruction must be a string or a non-empty list of strings (start states "
+                                     f"DeAL searches together), got {value!r}")
+                s.prompt[name] = list(value)
             elif name in PROMPT_FIELDS:
                 if not isinstance(value, str):
                     raise UsageError(f"{name} must be a string, got {value!r}")

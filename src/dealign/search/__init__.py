@@ -25,6 +25,7 @@ def run_search(
     fluency_ids: Sequence[int] | None = None,
     trace: TraceRecorder | None = None,
     constraint: Constraint | None = None,
+    starts: Sequence[Sequence[int]] = (),
 ) -> SearchResult:
     """Decode one prompt with ``cfg.strategy``; ``reward`` is anything ``as_reward`` accepts.
 
@@ -34,19 +35,24 @@ def run_search(
     (see ``deal_search``), needed when ``cfg.fluency > 0``.  ``trace``: a ``TraceRecorder`` that
     records the search step by step (``search/trace.py``; the answer is the same with or without).
     ``constraint`` (``dealign.constraints``): a format every strategy keeps as a hard mask (see
-    ``deal_search``)."""
+    ``deal_search``).  ``starts``: more start states DeAL searches together with ``prompt_ids`` (see
+    ``deal_search``); the other strategies take one."""
     reward = as_reward(reward)
+    if starts and cfg.strategy != "deal":
+        raise ConfigError(f"several start states (instructions) are searched together by strategy 'deal' only; "
+                          f"{cfg.strategy!r} reads one: give one instruction")
     result = _run(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
-                  fluency_ids=fluency_ids, trace=trace, constraint=constraint)
+                  fluency_ids=fluency_ids, trace=trace, constraint=constraint, starts=starts)
     if trace is not None:
         result.trace = trace.doc()
     return result
 
 
-def _run(backend, prompt_ids, reward, cfg, *, prompt_text, draft, on_commit, fluency_ids, trace, constraint) -> SearchResult:
+def _run(backend, prompt_ids, reward, cfg, *, prompt_text, draft, on_commit, fluency_ids, trace, constraint,
+         starts) -> SearchResult:
     if cfg.strategy == "deal":
         return deal_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, draft=draft, on_commit=on_commit,
-                           fluency_ids=fluency_ids, trace=trace, constraint=constraint)
+                           fluency_ids=fluency_ids, trace=trace, constraint=constraint, starts=starts)
     if cfg.strategy == "beam":
         return beam_search(backend, prompt_ids, reward, cfg, prompt_text=prompt_text, on_commit=on_commit, trace=trace,
                            constraint=constraint)

@@ -114,6 +114,7 @@ class Hypothesis:
     finished: bool
     text: str = ""
     fluency: float = 0.0  # log-prob of the tokens in the neutral context (0 when the search does not read it)
+    start: int = 0  # which start state the answer grew from (DeAL with several; 0 otherwise)
 
 
 @dataclass

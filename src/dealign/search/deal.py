@@ -62,6 +62,7 @@ class _State:
     rewards: dict | None = None
     hyp: Hypothesis | None = None  # set once finished
     fluency: float = 0.0  # log-prob of ``tokens`` in the neutral context
+    start: int = 0  # the start state this state grew from (``deal_search``'s ``starts``)
 
 
 class _Models:
@@ -94,15 +95,20 @@ class _Models:
         self.lag = self.context is not None and not segment and len(self.context) > 1
         self.pending: list[int] = []  # token mode: the token each state's context row has yet to feed
 
-    def prefill(self, ids: list[int]) -> tuple[Beam, Beam | None]:
+    def prefill(self, ids: list[int], starts: Sequence[Sequence[int]] = ()) -> tuple[Beam, Beam | None]:
         """The start beams; with a constraint, the policy's row (not the context's) and the draft's
-        are masked from the first token on."""
+        are masked from the first token on.  ``starts``: more start states, rows 1.. of the beam."""
         c = self.constraint
-        if self.context is not None:
+        prompts = [ids, *[list(s) for s in starts]]
+        if self.context is not None:  # one context row per start state
             if self.lag:  # the context's last token is fed with the first candidates
-                self.pending = [self.context[-1]]
-                return attach(self.policy, self.policy.prefill_many([ids, self.context[:-1]]), c), None
-            return attach(self.policy, self.policy.prefill_many([ids, self.context]), c), None
+                self.pending = [self.context[-1]] * len(prompts)
+                rows = prompts + [self.context[:-1]] * len(prompts)
+            else:
+                rows = prompts + [self.context] * len(prompts)
+            return attach(self.policy, self.policy.prefill_many(rows), c, range(len(prompts))), None
+        if starts:
+            return attach(self.policy, self.policy.prefill_many(prompts), c, range(len(prompts))), None
         return (attach(self.policy, self.policy.prefill(ids), c),
                 attach(self.draft, self.draft.prefill(ids), c) if self.draft else None)
 
@@ -173,6 +179,7 @@ def deal_search(
     fluency_ids: Sequence[int] | None = None,
     trace: TraceRecorder | None = None,
     constraint: Constraint | None = None,
+    starts: Sequence[Sequence[int]] = (),
 ) -> SearchResult:
     """Run DeAL for one prompt.  ``lam`` overrides ``cfg.lam`` (beam search is DeAL with lam 0).
 
@@ -192,8 +199,21 @@ def deal_search(
     raise to abort the search (a server's time limit, a client gone).
 
     ``trace``, if given, records every step (``search/trace.py``); it reads what the search computed
-    and changes nothing."""
+    and changes nothing.
+
+    ``starts``: more start states searched together with ``prompt_ids`` (the same request under
+    other instructions): the first step proposes from each, and their answers compete on the same
+    score, each read with the log-prob of its own start.  Why: an instruction that makes a model
+    refuse harmful requests also makes it refuse some benign ones; with both start states the
+    reward, not the instruction, decides which opening a request gets.  ``Hypothesis.start`` says
+    which start an answer came from (0: ``prompt_ids``)."""
     lam = cfg.lam if lam is None else lam
+    if starts and draft is not None:
+        raise ConfigError("several start states (instructions) cannot be searched with a draft (lookahead) model; "
+                          "drop the draft model or give one instruction")
+    if starts and not policy.supports_follow:
+        raise ConfigError(f"several start states (instructions) need a backend that holds several prompts in one "
+                          f"beam ({type(policy).__name__} does not); give one instruction")
     if cfg.fluency and not fluency_ids:
         raise ConfigError("fluency > 0 needs the token ids of the neutral context (fluency_ids): Aligner.generate "
                           "builds them from fluency_prompt; set fluency 0 to search without it")
@@ -206,8 +226,8 @@ def deal_search(
     sampler = Sampler(temperature=cfg.rollout_temperature, generator=gen)
     stats = SearchStats()
 
-    beams = models.prefill(list(prompt_ids))
-    live: list[_State] = [_State([], 0.0)]  # rows of the current beams, in order
+    beams = models.prefill(list(prompt_ids), starts)
+    live: list[_State] = [_State([], 0.0, start=i) for i in range(1 + len(starts))]  # rows of the beams, in order
     kept: list[_State] = []  # finished states still in the beam
     finished_all: list[Hypothesis] = []
     last_pool: list[tuple[float, _State]] = []
@@ -256,9 +276,9 @@ def deal_search(
         for j, (toks, lp, done, flu) in enumerate(commits):
             r = scores.total[j] if scores else 0.0
             score = objective(lp, flu, len(toks), cfg) + lam * r
-            st = _State(toks, lp, r, scores.row(j) if scores else {}, fluency=flu)
+            st = _State(toks, lp, r, scores.row(j) if scores else {}, fluency=flu, start=live[parents[j]].start)
             if done:
-                st.hyp = Hypothesis(toks, lp, r, st.rewards, score, True, texts[j], fluency=flu)
+                st.hyp = Hypothesis(toks, lp, r, st.rewards, score, True, texts[j], fluency=flu, start=st.start)
                 finished_all.append(st.hyp)
             pool.append((score, st, j))
         pool.sort(key=lambda x: -x[0])  # stable: ties keep proposal order
@@ -363,7 +383,7 @@ def _settled(finished: list[Hypothesis], winners, reward: WeightedSum, lam: floa
 def _as_hyp(policy: Backend, st: _State, score: float) -> Hypothesis:
     """A live state of the final beam; its reward is the one its lookahead earned."""
     return Hypothesis(st.tokens, st.logprob, st.reward, st.rewards or {}, score, False, policy.decode(st.tokens),
-                      fluency=st.fluency)
+                      fluency=st.fluency, start=st.start)
 
 
 def _unfinished(policy, reward, prompt_text, last_pool, cfg, lam) -> Hypothesis:
@@ -375,5 +395,6 @@ def _unfinished(policy, reward, prompt_text, last_pool, cfg, lam) -> Hypothesis:
     for i, (st, text) in enumerate(zip(states, texts)):
         r = scores.total[i] if scores else 0.0
         s = objective(st.logprob, st.fluency, len(st.tokens), cfg) + lam * r
-        hyps.append(Hypothesis(st.tokens, st.logprob, r, scores.row(i) if scores else {}, s, False, text, fluency=st.fluency))
+        hyps.append(Hypothesis(st.tokens, st.logprob, r, scores.row(i) if scores else {}, s, False, text, fluency=st.fluency,
+                               start=st.start))
     return max(hyps, key=lambda h: h.score)

@@ -186,11 +186,12 @@ class Worker:
         whose only event is an error; the worker calls it again for jobs submitted directly.  Returns
         the prompt's token ids and the user's text that the rewards see."""
         try:
-            ids, user_text = self.aligner.encode_prompt(job.prompt, **job.prompt_options)
+            starts, user_text = self.aligner.encode_starts(job.prompt, **job.prompt_options)
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from None
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens (after the chat template), more than this server "
+        ids, longest = starts[0], max(len(start) for start in starts)  # several instructions: the longest counts
+        if longest > self.limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {longest} tokens (after the chat template), more than this server "
                                 f"allows ({self.limits.max_prompt_tokens}, set by --max-prompt-tokens)",
                            param="prompt", code="limit_exceeded")
         return ids, user_text
@@ -257,6 +258,8 @@ class Worker:
         final, tail, cut = text.finish(result.text)
         info = {"finished": result.finished, "reward": result.reward, "rewards": result.rewards,
                 "logprob": result.logprob, "score": result.score, "stats": result.stats}
+        if isinstance(job.prompt_options.get("instruction"), list):  # several start states: which one answered
+            info["start"] = result.start
         if job.trace and emit is None:
             info["trace"] = result.trace
         stopped_by = "stop_sequence" if cut else "end_of_sequence" if result.finished else "max_tokens"
