@@ -18,7 +18,7 @@ from .joint import Joiner, joining
 from .models.loading import load
 from .rewards.base import as_reward
 from .search import SearchConfig, SearchResult, TraceRecorder, run_search
-from .settings import Settings
+from .settings import Settings, check_instructions
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -385,11 +385,7 @@ def _instructions(instruction: str | Sequence[str | None] | None) -> list[str | 
     ``None`` or "" in a list is the request without one."""
     if instruction is None or isinstance(instruction, str):
         return [instruction]
-    items = list(instruction)
-    if not items or not all(i is None or isinstance(i, str) for i in items):
-        raise UsageError(f"instruction must be a string or a non-empty list of strings (start states searched "
-                         f"together); got {instruction!r}")
-    return items
+    return check_instructions(["" if i is None else i for i in instruction])  # "" and None: no instruction
 
 
 def _with_profile(name: str, search: Any, reward: Any, instruction: Any) -> tuple[dict, Any, str | None]:

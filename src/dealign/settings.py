@@ -58,6 +58,15 @@ def check_search_value(name: str, value: Any) -> Any:
     return value
 
 
+def check_instructions(value: list) -> list[str]:
+    """Several instructions (start states DeAL searches together): a non-empty list of strings, "" for
+    the request without one; the one check for Python, batch lines and the server."""
+    if not value or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"instruction must be a string or a non-empty list of strings (start states DeAL searches "
+                         f"together), got {value!r}")
+    return list(value)
+
+
 def _check_strings(name: str, value: Any) -> None:
     if isinstance(value, str):
         return
@@ -182,10 +191,7 @@ class Settings:
                     raise UsageError(f"reward_finished_only must be true or false, got {value!r}")
                 s.models[name] = value
             elif name == "instruction" and isinstance(value, list):  # several start states, searched together
-                if not value or not all(isinstance(v, str) for v in value):
-                    raise UsageError(f"instruction must be a string or a non-empty list of strings (start states "
-                                     f"DeAL searches together), got {value!r}")
-                s.prompt[name] = list(value)
+                s.prompt[name] = check_instructions(value)
             elif name in PROMPT_FIELDS:
                 if not isinstance(value, str):
                     raise UsageError(f"{name} must be a string, got {value!r}")
