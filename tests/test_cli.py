@@ -116,6 +116,22 @@ def test_json_output_has_the_result_fields_and_coverage(cli):
     assert len(data["beam"]) <= 2
 
 
+def test_repeated_instructions_are_start_states_searched_together(cli, tiny_aligner):
+    instructions = ["answer in one short sentence", ""]
+    args = [f"--instruction={i}" for i in instructions]
+    result = cli("generate", "the dog", *SMALL, "--keywords", "dog", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    expected = tiny_aligner.generate("the dog", reward=keywords("dog"), instruction=instructions, max_new_tokens=6,
+                                     beam=2, topk=2, lookahead=2)
+    assert (data["token_ids"], data["start"]) == (expected.token_ids, expected.start)
+    one = cli("generate", "the dog", *SMALL, "--instruction", instructions[0], "--json")  # one is the plain instruction
+    assert one.exit_code == 0, one.output
+    assert json.loads(one.stdout)["token_ids"] == tiny_aligner.generate(
+        "the dog", instruction=instructions[0], max_new_tokens=6, beam=2, topk=2, lookahead=2).token_ids
+    assert_clean_error(cli("generate", "the dog", *args, "--strategy", "greedy"), 2, "strategy 'deal' only")
+
+
 def test_explain_shows_rewards_beam_and_statistics(cli):
     result = cli("generate", "the dog", *SMALL, "--keywords", "dog", "--explain")
     assert result.exit_code == 0, result.output
@@ -196,6 +212,16 @@ def test_batch_writes_one_line_per_row_with_per_line_overrides(cli, tmp_path):
     assert rows[1]["keywords"] == ["cat", "mat"] and 0.0 <= rows[1]["coverage"] <= 1.0
     assert rows[2]["tokens"] <= 3
     assert rows[2]["rewards"] == {} and "coverage" not in rows[2]  # null reset the flag's keywords
+
+
+def test_a_batch_row_with_several_instructions_says_which_start_answered(cli, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "the dog", "instruction": ["be brief", ""]},
+                                              {"prompt": "the dog", "instruction": "be brief"}])
+    out = tmp_path / "out.jsonl"
+    result = cli("generate", "--input", str(src), "--output", str(out), *SMALL)
+    assert result.exit_code == 0, result.output
+    several, one = read_jsonl(out)
+    assert several["start"] in (0, 1) and "start" not in one
 
 
 def test_resume_keeps_done_rows_and_overwrite_without_it(cli, tmp_path):

@@ -388,7 +388,7 @@ def _instructions(instruction: str | Sequence[str | None] | None) -> list[str | 
     return check_instructions(["" if i is None else i for i in instruction])  # "" and None: no instruction
 
 
-def _with_profile(name: str, search: Any, reward: Any, instruction: Any) -> tuple[dict, Any, str | None]:
+def _with_profile(name: str, search: Any, reward: Any, instruction: Any) -> tuple[dict, Any, Any]:
     """A profile's settings beneath what the call gives: its search fields under ``search``, its
     reward and instruction only where the call gives none."""
     if isinstance(search, SearchConfig):

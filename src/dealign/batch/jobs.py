@@ -138,6 +138,8 @@ def record(job: Job, result: Any, seconds: float) -> dict[str, Any]:
     coverage = job.settings.coverage(result.text)
     if coverage is not None:
         out["coverage"] = coverage
+    if isinstance(job.settings.prompt.get("instruction"), list):
+        out["start"] = result.start  # which of the row's instructions the answer grew from
     out["stats"] = result.stats
     if getattr(result, "trace", None) is not None:
         out["trace"] = result.trace

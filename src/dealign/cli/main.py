@@ -113,7 +113,7 @@ def generate(
     open_topk: Annotated[Optional[int], typer.Option(help=f"Actions per state during the opening [default: {_D.open_topk}].", rich_help_panel=_S)] = None,
     open_lookahead: Annotated[Optional[int], typer.Option(help=f"Rollout tokens per candidate during the opening [default: {_D.open_lookahead}].", rich_help_panel=_S)] = None,
     profile: Annotated[Optional[str], typer.Option(help="An alignment profile: rewards, weights, search settings and instruction chosen together (see `dealign profiles`); any flag given beside it wins.", rich_help_panel=_S)] = None,
-    instruction: Annotated[Optional[str], typer.Option(help="Alignment instruction given as the system message (start-state adaptation).", rich_help_panel="Prompt")] = None,
+    instruction: Annotated[Optional[List[str]], typer.Option(help="Alignment instruction given as the system message (start-state adaptation). Repeat it for several start states searched together (DeAL only; '' = no instruction); the JSON output's start says which one the answer grew from.", rich_help_panel="Prompt")] = None,
     response_prefix: Annotated[Optional[str], typer.Option(help="Text the answer is forced to start with.", rich_help_panel="Prompt")] = None,
     keywords: Annotated[Optional[str], typer.Option(help="Comma-separated words the answer should contain.", rich_help_panel=_R)] = None,
     keyword_mode: Annotated[Optional[str], typer.Option(help="soft (fraction found) | hard (all or nothing) [default: soft].", rich_help_panel=_R)] = None,
@@ -189,6 +189,8 @@ def _setting_values(options: dict) -> dict:
     for name in ("json_schema", "grammar"):  # a file, or the text itself
         if values.get(name):
             values[name] = read_text_or_file(values[name])
+    if isinstance(values.get("instruction"), (list, tuple)) and len(values["instruction"]) == 1:
+        values["instruction"] = values["instruction"][0]  # one is the instruction; several, start states searched together
     return {name: None if isinstance(v, (list, tuple)) and not v else v for name, v in values.items()}
 
 
