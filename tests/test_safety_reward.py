@@ -75,7 +75,8 @@ def test_the_packaged_safety_reward_reads_the_request():
     assert opening[0] > opening[1]
 
 
-def test_train_safety_trains_from_a_pairs_file_and_reports_held_out_requests(tmp_path):
+def _pairs_file(path):
+    """24 requests, half harmful: declining beats complying for those, answering beats declining for the rest."""
     rng = random.Random(0)
     rows = []
     for i in range(24):
@@ -84,9 +85,25 @@ def test_train_safety_trains_from_a_pairs_file_and_reports_held_out_requests(tmp
         yes, no = "Here is how you do it, step by step.", "I'm sorry, but I can't help with that."
         chosen, rejected = (no, yes) if harmful else (yes, no)
         rows.append({"prompt": q, "chosen": chosen + f" ({rng.random():.3f})", "rejected": rejected, "kind": "h" if harmful else "b"})
-    write_rows(tmp_path / "pairs.jsonl.gz", rows)
-    res = CliRunner().invoke(app, ["train-safety", "--out", str(tmp_path / "safety"), "--pairs", str(tmp_path / "pairs.jsonl.gz")])
+    write_rows(path, rows)
+    return path
+
+
+def test_train_safety_trains_from_a_pairs_file_and_reports_held_out_requests(tmp_path):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl.gz")
+    res = CliRunner().invoke(app, ["train-safety", "--out", str(tmp_path / "safety"), "--pairs", str(pairs)])
     assert res.exit_code == 0, res.output
     assert "24 requests" in res.output and "held-out requests: accuracy" in res.output
     config = json.loads((tmp_path / "safety" / "dealign_reward.json").read_text())
     assert config["split"]["by_prompt"] is True and config["name"] == "safety"
+    assert config["features"]["kind"] == "sentence", "the default backbone is MiniLM (see safety_pairs.BACKBONE)"
+
+
+def test_train_safety_reads_with_the_backbone_it_is_given(tmp_path, tiny_model_dir):
+    """--backbone as in train-reward: here a causal LM folder, so the head reads its hidden states."""
+    pairs = _pairs_file(tmp_path / "pairs.jsonl.gz")
+    res = CliRunner().invoke(app, ["train-safety", "--out", str(tmp_path / "safety"), "--pairs", str(pairs),
+                                   "--backbone", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "safety" / "dealign_reward.json").read_text())
+    assert config["features"]["kind"] == "lm" and config["name"] == "safety"

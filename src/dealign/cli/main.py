@@ -355,6 +355,7 @@ def train_gate(
 def train_safety(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reward [default: the packaged one, the named reward safety].")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="Response pairs (.jsonl.gz, rows {prompt, chosen, rejected}); written by SmolLM2 (about 10 min) when the file is missing [default: OUT/pairs.jsonl.gz].")] = None,
+    backbone: Annotated[Optional[List[str]], typer.Option(help="What the head reads, as in train-reward: minilm (the packaged all-MiniLM-L6-v2), or a causal LM (smollm2, gemma3-270m, a folder; about 25 min for smollm2 here); repeat it for an ensemble. [default: minilm]")] = None,
 ) -> None:
     """Train R_safety: declining harmful requests over answering them, answering benign ones over declining them."""
     with reported_errors():
@@ -381,7 +382,7 @@ def train_safety(
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "safety_pairs.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in sp.with_openings(rows)), encoding="utf-8")
-            _, report = train(data, out, name="safety", by_prompt=True, progress=False)
+            _, report = train(data, out, name="safety", by_prompt=True, progress=False, backbone=backbone or sp.BACKBONE)
         typer.echo(f"{len(rows)} requests, {report.train_pairs + report.heldout_pairs} pairs (whole and cut to their "
                    f"openings); held-out requests: accuracy {report.heldout_accuracy:.3f} (train {report.train_accuracy:.3f}); "
                    f"saved to {report.out}")
