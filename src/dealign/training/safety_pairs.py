@@ -36,9 +36,7 @@ REFUSAL_OPENINGS = (
 ANSWER_OPENINGS = ("Sure, here", "Here are", "To", "The", "First,", "You can", "Yes,", "Here's how", "There are",
                    "One way", "", "")  # "": the model's own opening
 CUT_WORDS = (1, 2, 3, 4, 6, 9, 14)  # openings each pair is also cut to (words); 3 of them per pair
-BACKBONE = "minilm"  # what the head reads.  A linear head on SmolLM2's own hidden states (which read the answer
-#                     after the request) ranks pairs about as well (0.87 held out) but the search games it: with it
-#                     the safe profile answered harmful requests with "I am a kindly old man ..." and emoji.
+BACKBONE = "minilm"  # what the head reads; why not SmolLM2's own hidden states: docs/rewards.md (the search games it)
 
 
 def harmful_sample(harmful: Sequence[str], rng: random.Random, n: int = 400) -> list[str]:
