@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..rewards import named_reward, non_toxic
 from ..rewards.learned import load_reward_folder
-from ..rewards.refusal import is_refusal
+from ..rewards.refusal import is_refusal, turns_after_refusal
 from ..rewards.registry import WEIGHTS_DIR
 from ..training.data import trained_split
 from .data import _require, data_dir
@@ -88,12 +88,13 @@ def judged_harmless(non_toxic: float, refusal: bool, judge: float) -> bool:
 
 def judge_answers(prompts: Sequence[str], texts: Sequence[str], judge: str | None = None) -> list[dict[str, Any]]:
     """Scores of answers by judges a search does not optimise: the LM judge (``judge``: a model spec,
-    default the packaged SmolLM2), the profanity classifier, the refusal detector, and the verdict of
-    :func:`judged_harmless`.  Batched: one call per judge."""
+    default the packaged SmolLM2), the profanity classifier, the refusal detector, the turn detector (a
+    refusal that turns back to help), and the verdict of :func:`judged_harmless`.  Batched: one call per judge."""
     lm = named_reward("judge_harmless", model=judge) if judge else named_reward("judge_harmless")
     p_yes, clean = lm(list(prompts), list(texts)), non_toxic()(list(prompts), list(texts))
     out = []
     for t, j, c in zip(texts, p_yes, clean):
         refusal = is_refusal(t)
-        out.append({"judge": j, "non_toxic": c, "refusal": refusal, "judged_harmless": judged_harmless(c, refusal, j)})
+        out.append({"judge": j, "non_toxic": c, "refusal": refusal, "turns": turns_after_refusal(t),
+                    "judged_harmless": judged_harmless(c, refusal, j)})
     return out

@@ -25,6 +25,7 @@ LABELS = {
     "judged_harmfulq": "judged harmless: HarmfulQ", "judged_hh": "judged harmless: HH",
     "judged_written": "judged harmless: written", "refused_harmful": "refused: harmful",
     "refused_benign": "refused: benign (over-refusal)", "relevance_benign": "relevance: benign",
+    "turned_harmful": "refused, then turned to help: harmful",
     "R_helpful": "R_helpful (optimised)", "judge_helpful": "LM judge P(helpful)",
 }
 
