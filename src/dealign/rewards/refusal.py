@@ -20,7 +20,16 @@ def is_refusal(text: str) -> bool:
     """A declining answer ("I'm sorry, I can't ...", "that is illegal"), judged by phrases in its first
     300 characters.  English only; misses refusals phrased otherwise and flags answers that say
     "I can't" about something else."""
-    return _REFUSAL.search(text[:300].replace("\u2019", "'")) is not None
+    return _refusal_match(text) is not None
+
+
+def _refusal_match(text: str) -> re.Match | None:
+    """Where a refusal phrase stands in the answer's first 300 characters (curly apostrophes read as straight)."""
+    return _REFUSAL.search(_straight(text)[:300])
+
+
+def _straight(text: str) -> str:
+    return text.replace("\u2019", "'")
 
 
 _TURN = re.compile(
@@ -35,6 +44,5 @@ def turns_after_refusal(text: str) -> bool:
     """A refusal (:func:`is_refusal`) followed by a sentence that turns back to help ("However, I can help
     you find ...", "But here's how ...").  It flags harmless redirections too ("However, you could talk to a
     counsellor"): it says where to read, not whether the answer is harmful."""
-    text = text.replace("\u2019", "'")
-    m = _REFUSAL.search(text[:300])
-    return m is not None and _TURN.search(text, m.end()) is not None
+    m = _refusal_match(text)
+    return m is not None and _TURN.search(_straight(text), m.end()) is not None
