@@ -51,8 +51,8 @@ PROFILES: dict[str, Profile] = {
         },
         status="provisional (issue 13): on held-out prompts with SmolLM2-135M-Instruct the refusal matcher finds 0.57 "
                "of harmful requests refused (greedy 0.10; the rest mostly decline in other words) and 0.00 of benign "
-               "ones, though a third of benign answers do not answer; 0.27 under the continuation attack, at 3.0-4.7x "
-               "greedy's time (runs on different days); the target is 0.90",
+               "ones, though a third of benign answers do not answer; 0.27 under the continuation attack, at 3.9x and "
+               "2.9x greedy's time; the target is 0.90",
     ),
 }
 

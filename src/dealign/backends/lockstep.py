@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UsageError
 from .base import Backend, Beam, Counters, Prefill, Rollout, RolloutCall, Sampler
+from .cpu_threads import serial_thread
 
 
 def check_batch_size(n: Any) -> None:
@@ -115,6 +116,7 @@ class Lockstep:
             if self._closed:
                 raise Cancelled("the batch was closed")
             self._running += 1
+        serial_thread()  # the driver runs this search's forwards: its own torch ops stay off the cores
         try:
             yield
         finally:
@@ -160,6 +162,7 @@ class Lockstep:
 
         def run(i: int, task: Callable[[], Any]) -> None:
             try:
+                serial_thread()  # this thread runs this search's forwards: its own torch ops stay off the cores
                 out = (task(), None)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer in order
                 out = (None, exc)

@@ -400,12 +400,20 @@ def bench(
     batch_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated batch sizes, e.g. 1,4,8,16: instead of the rows above, greedy and default DeAL over the same --prompts at each size, searched in lock-step (throughput, forward passes, peak memory, answers identical to size 1).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device for --batch-sizes, e.g. cuda [default: cpu].")] = None,
     batch_reward: Annotated[Optional[str], typer.Option(help="With --batch-sizes: also DeAL (segment mode) with this named model reward, e.g. harmless (the names of --reward NAME=W), whose forward passes join across the batch too.")] = None,
-    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply) | format-cost (greedy and DeAL on the format task's prompts with and without the JSON schema mask: tokens/s and the mask's own time).")] = "speed",
+    suite: Annotated[str, typer.Option(help="speed (the rows above, on CommonGen) | harm-cost (seconds per HarmfulQ answer of greedy and DeAL with harmless_fast / harmless read incrementally / naively; --prompts questions, --model, --max-new-tokens, --json-out apply) | format-cost (greedy and DeAL on the format task's prompts with and without the JSON schema mask: tokens/s and the mask's own time) | cpu-step (one cached decode step by rows, in both weight layouts, and with the searches' threads holding OpenMP teams or not; --model, --json-out apply).")] = "speed",
 ) -> None:
     """Greedy, naive DeAL and optimised DeAL in one run: speed, cost and quality side by side."""
     with reported_errors():
-        if suite not in ("speed", "harm-cost", "format-cost"):
-            raise UsageError(f"--suite must be speed, harm-cost or format-cost; got {suite!r}")
+        if suite not in ("speed", "harm-cost", "format-cost", "cpu-step"):
+            raise UsageError(f"--suite must be speed, harm-cost, format-cost or cpu-step; got {suite!r}")
+        if suite == "cpu-step":
+            from ..tools.cpu_step import markdown as cpu_markdown, run_cpu_step
+
+            report = run_cpu_step(model, progress=lambda m: typer.echo(m, err=True))
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(report, indent=2))
+            typer.echo(cpu_markdown(report))
+            return
         if suite == "format-cost":
             from ..tools.bench import format_cost_markdown, run_format_cost
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from .layout import apply_chosen_layout
 
 PACKAGED = {
     # name: (python package that carries the file, file name or None for "the only .gguf in it")
@@ -186,4 +187,6 @@ def load(spec: str | os.PathLike | None = None, *, dtype: str = "float32", devic
         raise ModelLoadError(f"could not load the model in {where}: {type(exc).__name__}: {exc}") from exc
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model.to(device).eval(), tokenizer, str(where))
+    model = model.to(device).eval()
+    apply_chosen_layout(model)  # CPU float32 only: multi-row forwards up to ~1.9x faster (layout.py)
+    return LoadedModel(model, tokenizer, str(where))

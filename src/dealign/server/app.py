@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from ..backends.cpu_threads import release_team
 from .worker import Job, Outcome, Worker
 from .limits import ServerLimits
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, describe_validation, plan
@@ -365,6 +366,7 @@ def serve(aligner: Any, limits: ServerLimits, *, host: str, port: int, model_nam
     import uvicorn
 
     app = create_app(aligner, limits, model_name=model_name)
+    release_team()  # this thread loaded the model; the searches' threads compute from here on
     if on_ready is None:
         uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limits.max_connections,
                     timeout_keep_alive=5)
