@@ -71,3 +71,15 @@ def test_a_serial_thread_leaves_the_other_threads_their_cores():
     release_team()  # lets this thread's workers go; torch brings them back at its next parallel op
     assert torch.randn(64, 4096).sum().isfinite()
     assert torch.get_num_threads() == threads_before
+
+
+def test_the_cpu_step_suite_reports_both_tables(tiny_model_dir):
+    from dealign.tools.cpu_step import markdown, run_cpu_step
+
+    report = run_cpu_step(str(tiny_model_dir), rows=(1, 4), repeats=2, context=8, thread_rows=4)
+    assert [r["rows"] for r in report["layout"]] == [1, 4]
+    assert all(r["as-loaded ms"] > 0 and r["input-major ms"] > 0 and r["speed-up"] > 0 for r in report["layout"])
+    assert [r["setting"] for r in report["threads"]][-1] == "searches serial, loading thread's team released"
+    assert all(r["ms"] > 0 and r["cpu_use"] > 0 for r in report["threads"])
+    text = markdown(report)
+    assert "| rows | as-loaded ms | input-major ms | speed-up |" in text and "cpu_use" in text

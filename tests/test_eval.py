@@ -32,7 +32,7 @@ def test_bench_suite_is_checked_before_any_model_loads():
     from dealign.cli.main import app
 
     res = CliRunner().invoke(app, ["bench", "--suite", "harm"])
-    assert res.exit_code == 2 and "--suite must be speed, harm-cost or format-cost" in res.stderr and "Traceback" not in res.output
+    assert res.exit_code == 2 and "--suite must be speed, harm-cost, format-cost or cpu-step" in res.stderr and "Traceback" not in res.output
 
 
 def test_keywords_task_writes_rows_summary_plot_and_report(tmp_path, tiny_model_dir):

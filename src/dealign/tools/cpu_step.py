@@ -31,8 +31,9 @@ def _step_timer(model: Any, rows: int, context: int) -> Callable[[], float]:
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(rows)
-    ids = torch.randint(100, 1000, (rows, context), generator=gen)
-    tok = torch.randint(100, 1000, (rows, 1), generator=gen)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (rows, context), generator=gen)
+    tok = torch.randint(0, vocab, (rows, 1), generator=gen)
     with torch.inference_mode():
         base = model(input_ids=ids, use_cache=True).past_key_values
 
