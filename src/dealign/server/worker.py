@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..backends.cpu_threads import serial_thread
 from ..backends.lockstep import Lockstep
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
@@ -121,11 +122,14 @@ class Worker:
         # a remote engine batches concurrent requests itself: its searches run side by side, each
         # with its own counters; a local model's share forward passes in lock-step
         self._concurrent = self.batch > 1 and getattr(backend, "thread_safe", False) and not backend.stacks_rows
-        threads = torch.get_num_threads()
+        lockstep = self.batch > 1 and not self._concurrent
+        # a search thread computes its own forwards with all the cores, unless the lock-step driver
+        # runs them: then its own torch ops stay on one core (backends/cpu_threads.py says why)
+        init, args = (serial_thread, ()) if lockstep else (torch.set_num_threads, (torch.get_num_threads(),))
         self._executor = ThreadPoolExecutor(max_workers=self.batch, thread_name_prefix="dealign-search",
-                                            initializer=torch.set_num_threads, initargs=(threads,))
+                                            initializer=init, initargs=args)
         self._lock: Lockstep | None = None
-        if self.batch > 1 and not self._concurrent:
+        if lockstep:
             self._lock = Lockstep(self.batch)
             self._lock.serve()
         self.in_flight = 0  # running + waiting; touched only on the event loop
