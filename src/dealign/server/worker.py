@@ -18,13 +18,13 @@ side instead, each on its own ``Aligner.fork``, and the engine's own batching do
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..backends.cpu_threads import serial_thread
 from ..backends.lockstep import Lockstep
 from ..rewards.base import WeightedSum
 from ..search import SearchConfig
@@ -123,11 +123,11 @@ class Worker:
         # with its own counters; a local model's share forward passes in lock-step
         self._concurrent = self.batch > 1 and getattr(backend, "thread_safe", False) and not backend.stacks_rows
         lockstep = self.batch > 1 and not self._concurrent
-        # a search thread computes its own forwards with all the cores, unless the lock-step driver
-        # runs them: then its own torch ops stay on one core (backends/cpu_threads.py says why)
-        init, args = (serial_thread, ()) if lockstep else (torch.set_num_threads, (torch.get_num_threads(),))
+        # a search thread that computes its own forwards gets all the cores; in lock-step the driver
+        # computes them and ``Lockstep.member`` keeps the thread's own torch ops on one core
+        init = None if lockstep else functools.partial(torch.set_num_threads, torch.get_num_threads())
         self._executor = ThreadPoolExecutor(max_workers=self.batch, thread_name_prefix="dealign-search",
-                                            initializer=init, initargs=args)
+                                            initializer=init)
         self._lock: Lockstep | None = None
         if lockstep:
             self._lock = Lockstep(self.batch)
